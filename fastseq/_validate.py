@@ -1,0 +1,81 @@
+"""Argument checking for the public API.  Every error names the argument, what was
+expected and what was received, so a user never sees a Numba typing error."""
+import numpy as np
+
+
+def is_device_array(a):
+    """True for CuPy / Numba device arrays (anything with ``__cuda_array_interface__``)."""
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def shape_of(a):
+    return tuple(int(n) for n in a.shape)
+
+
+def dtype_of(a, fn, name):
+    """The NumPy dtype of ``a`` (host or device array), checked to be real numeric."""
+    if is_device_array(a):
+        dt = np.dtype(a.__cuda_array_interface__["typestr"])
+    else:
+        dt = np.asarray(a).dtype if not hasattr(a, "dtype") else np.dtype(a.dtype)
+    if dt.kind not in "biuf":
+        raise TypeError(
+            f"{fn}: `{name}` must hold real numbers (bool, int or float), got dtype {dt}")
+    return dt
+
+
+def compute_dtype(x_dtype):
+    """float64 input computes in float64; every other numeric input in float32."""
+    return np.dtype(np.float64) if np.dtype(x_dtype) == np.float64 else np.dtype(np.float32)
+
+
+def as_host(a, fn, name, dtype):
+    """Contiguous NumPy copy/view of ``a`` in ``dtype`` after the numeric check."""
+    try:
+        arr = np.asarray(a)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{fn}: `{name}` must be an array of numbers, got "
+                        f"{type(a).__name__} ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{fn}: `{name}` must hold real numbers (bool, int or float), got dtype "
+            f"{arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def check_shape(fn, name, shape, expected, meaning):
+    """``expected`` is a tuple of ints/None (None = any); ``meaning`` like '[D, 4H]'."""
+    ok = len(shape) == len(expected) and all(
+        e is None or e == s for e, s in zip(expected, shape))
+    if not ok:
+        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(
+            f"{fn}: `{name}` must have shape {meaning} = {want}, got {shape}")
+
+
+def check_rank(fn, name, shape, rank, meaning):
+    if len(shape) != rank:
+        raise ValueError(
+            f"{fn}: `{name}` must be {rank}-D with shape {meaning}, got shape {shape} "
+            f"({len(shape)}-D)")
+
+
+def check_choice(fn, name, value, choices):
+    key = "linear" if value is None else value
+    if not isinstance(key, str) or key not in choices:
+        raise ValueError(
+            f"{fn}: unknown `{name}` {value!r}; expected one of "
+            f"{sorted(set(choices) | {'None'}) if 'linear' in choices else sorted(choices)}")
+    return choices[key]
+
+
+def check_device(fn, device):
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{fn}: `device` must be 'auto', 'cpu' or 'cuda', got {device!r}")
+
+
+def resolve_device(fn, device, *arrays):
+    check_device(fn, device)
+    if device == "auto":
+        return "cuda" if any(is_device_array(a) for a in arrays if a is not None) else "cpu"
+    return device

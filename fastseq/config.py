@@ -1,0 +1,37 @@
+"""Tunables and numerical tolerances, kept in one place.
+
+Values are read at call time (``config.X``), so tests may patch them, e.g. to force
+several chunks or the GEMM path on tiny shapes.
+"""
+import numpy as np
+
+# --- numerics ---------------------------------------------------------------------------
+# Tolerances against the float64 numpy reference (tests) and against Keras (parity tests,
+# ``fastseq validate``).  One table, used everywhere.
+TOLERANCES = {
+    # dtype: (atol, rtol) against the float64 reference
+    np.dtype(np.float32): (2e-5, 2e-5),
+    np.dtype(np.float64): (1e-11, 1e-11),
+}
+# fastseq vs Keras predict() in float32 (issue contract: atol 1e-5).
+KERAS_PARITY_ATOL = 1e-5
+
+
+def tolerance(dtype):
+    """Return (atol, rtol) for comparing a result of ``dtype`` with the float64 reference."""
+    return TOLERANCES[np.dtype(dtype)]
+
+
+# --- CPU kernels ------------------------------------------------------------------------
+# fastmath for the CPU kernels (contractions/reassociation only; no nnan/ninf, so NaN and
+# inf inputs propagate the way they do in numpy).
+FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}
+
+# Time steps per chunk of the input projection are chosen so the chunk's [B, Tc, 4H]
+# buffer holds about this many bytes (it stays in cache between the GEMM and the steps).
+CHUNK_BYTES = 1 << 20
+# Batch size from which the recurrent product h @ U of each step runs as a BLAS GEMM;
+# below it, the fused Numba step kernel is used.
+GEMM_MIN_BATCH = 16
+# Rows per chunk in the time-distributed Dense (GEMM + fused activation).
+DENSE_CHUNK_ROWS = 512

@@ -1,0 +1,54 @@
+"""Numba CPU kernel for the time-distributed Dense epilogue: bias + activation in place.
+
+The product ``x @ W`` is computed by a BLAS GEMM on a chunk of rows just before this
+kernel runs on the same chunk, so the logits are still in cache when the bias and the
+activation are applied (one read and one write of each logit after the GEMM).
+"""
+import math
+
+from numba import njit, prange
+
+from ..config import FASTMATH
+from .activations import apply_act
+
+# Dense activation codes beyond the elementwise ones of activations.py
+DENSE_SOFTMAX = 100
+DENSE_LOG_SOFTMAX = 101
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+def bias_act_inplace(y, b, act):
+    """y <- act(y + b), row by row.
+
+    y:   [N, K] logits x W of a chunk of rows, overwritten with the activations
+    b:   [K] bias (zeros when the layer has none)
+    act: an ACT_* code from activations.py, or DENSE_SOFTMAX / DENSE_LOG_SOFTMAX
+    """
+    N, K = y.shape
+    for r in prange(N):
+        row = y[r]
+        if act == DENSE_SOFTMAX or act == DENSE_LOG_SOFTMAX:
+            # stable softmax: subtract the row max before exp
+            m = row[0] + b[0]
+            for k in range(K):
+                v = row[k] + b[k]
+                row[k] = v
+                if v > m:
+                    m = v
+            s = row[0] - row[0]  # zero of the row's dtype
+            if act == DENSE_SOFTMAX:
+                for k in range(K):
+                    e = math.exp(row[k] - m)
+                    row[k] = e
+                    s += e
+                for k in range(K):
+                    row[k] = row[k] / s
+            else:
+                for k in range(K):
+                    s += math.exp(row[k] - m)
+                ls = m + math.log(s)
+                for k in range(K):
+                    row[k] = row[k] - ls
+        else:
+            for k in range(K):
+                row[k] = apply_act(act, row[k] + b[k])

@@ -1,0 +1,133 @@
+"""Numba CPU kernels for the LSTM recurrence (Keras gate order i, f, c, o).
+
+Notation (matches the docs): ``W`` kernel [D, 4H], ``U`` recurrent kernel [H, 4H],
+``b`` bias [4H], ``h``/``c`` hidden/cell state [B, H].  The input projection ``x @ W`` is
+computed outside these kernels as a large GEMM over a chunk of time steps; the kernels
+run the per-step recurrence on that chunk and allocate nothing per step.
+
+Masking follows Keras: a masked step keeps ``h`` and ``c``; its output is the previous
+output (zeros before the first unmasked step of a row), or zero with
+``zero_output_for_mask``.  ``seen[b]`` records whether row ``b`` has had an unmasked step,
+so "previous output" is ``h`` when ``seen`` and zero otherwise.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ..config import FASTMATH
+from .activations import apply_act, ACT_TANH, ACT_SIGMOID
+
+
+@njit(fastmath=FASTMATH)
+def _cell_row(z, hrow, crow, H, act, rec):
+    """Gates and state update for one batch row, in place.
+
+    z: [4H] pre-activations (x W + h U + b) for this row and step
+    hrow, crow: [H] state of this row (overwritten with the new state)
+    """
+    if act == ACT_TANH and rec == ACT_SIGMOID:
+        # the common case, written out so the loop vectorises
+        for j in range(H):
+            i = apply_act(ACT_SIGMOID, z[j])
+            f = apply_act(ACT_SIGMOID, z[H + j])
+            g = apply_act(ACT_TANH, z[2 * H + j])
+            o = apply_act(ACT_SIGMOID, z[3 * H + j])
+            cn = f * crow[j] + i * g
+            crow[j] = cn
+            hrow[j] = o * apply_act(ACT_TANH, cn)
+    else:
+        for j in range(H):
+            i = apply_act(rec, z[j])
+            f = apply_act(rec, z[H + j])
+            g = apply_act(act, z[2 * H + j])
+            o = apply_act(rec, z[3 * H + j])
+            cn = f * crow[j] + i * g
+            crow[j] = cn
+            hrow[j] = o * apply_act(act, cn)
+
+
+@njit(fastmath=FASTMATH)
+def _emit(out, b, s, hrow, H, write, on, seen_b, zero_output):
+    """Write the output of row b at chunk step s (see module docstring)."""
+    if write:
+        if on or (seen_b and not zero_output):
+            for j in range(H):
+                out[b, s, j] = hrow[j]
+        else:
+            for j in range(H):
+                out[b, s, j] = 0.0
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+def lstm_chunk_fused(xw, U, b, h, c, seen, mask, out, write_out, zero_output,
+                     act, rec, nthreads):
+    """Run the recurrence over one chunk of steps, rows split across threads.
+
+    xw:   [B, Tc, 4H] input projection x W for the chunk, in processing order
+    U:    [H, 4H] recurrent kernel
+    b:    [4H] bias (zeros when the layer has none)
+    h, c: [B, H] state, updated in place
+    seen: [B] uint8, updated in place (row has had an unmasked step)
+    mask: [B, Tc] uint8 (1 = step is computed); all ones when there is no mask
+    out:  [B, Tc, H] outputs of the chunk (written when write_out)
+    nthreads: rows are split into this many contiguous groups, one per thread
+    """
+    B, Tc, G = xw.shape
+    H = G // 4
+    nt = max(1, min(B, nthreads))
+    for t in prange(nt):
+        lo = t * B // nt
+        hi = (t + 1) * B // nt
+        z = np.empty(G, dtype=xw.dtype)
+        for r in range(lo, hi):
+            hrow = h[r]
+            crow = c[r]
+            for s in range(Tc):
+                on = mask[r, s] != 0
+                if on:
+                    for j in range(G):
+                        z[j] = xw[r, s, j] + b[j]
+                    # z += h U, four rows of U per pass (fewer loads/stores of z)
+                    k = 0
+                    while k + 4 <= H:
+                        h0 = hrow[k]
+                        h1 = hrow[k + 1]
+                        h2 = hrow[k + 2]
+                        h3 = hrow[k + 3]
+                        for j in range(G):
+                            z[j] += (h0 * U[k, j] + h1 * U[k + 1, j]
+                                     + h2 * U[k + 2, j] + h3 * U[k + 3, j])
+                        k += 4
+                    while k < H:
+                        hk = hrow[k]
+                        for j in range(G):
+                            z[j] += hk * U[k, j]
+                        k += 1
+                    _cell_row(z, hrow, crow, H, act, rec)
+                    seen[r] = 1
+                _emit(out, r, s, hrow, H, write_out, on, seen[r] != 0, zero_output)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+def lstm_step_pointwise(zu, xw, s, b, h, c, seen, mask, out, write_out, zero_output,
+                        act, rec):
+    """One step of the GEMM path: gates from z = xw[:, s] + h U + b, rows in parallel.
+
+    zu:   [B, 4H] recurrent product h U of this step (from a BLAS GEMM), overwritten
+    xw:   [B, Tc, 4H] input projection of the chunk; s is the chunk step
+    b:    [4H] bias
+    h, c: [B, H] state, updated in place
+    seen: [B] uint8, updated in place
+    mask: [B, Tc] uint8 (1 = step is computed)
+    out:  [B, Tc, H] outputs of the chunk (written when write_out)
+    """
+    B, G = zu.shape
+    H = G // 4
+    for r in prange(B):
+        on = mask[r, s] != 0
+        if on:
+            z = zu[r]
+            for j in range(G):
+                z[j] += xw[r, s, j] + b[j]
+            _cell_row(z, h[r], c[r], H, act, rec)
+            seen[r] = 1
+        _emit(out, r, s, h[r], H, write_out, on, seen[r] != 0, zero_output)
