@@ -1,11 +1,16 @@
-"""CPU backend: drives the Numba kernels over chunks of time steps / rows.
+"""CPU backend: drives the Numba kernels over blocks of rows and chunks of time steps.
 
-Inputs arrive validated: contiguous NumPy arrays of one float dtype.
+Inputs arrive validated: contiguous NumPy arrays of one float dtype.  The batch is split
+into one contiguous block of rows per thread (``_threads``); each thread runs its rows
+through every time step on its own: the input projection of a chunk of steps as one BLAS
+GEMM, then the recurrence (fused Numba loop for small blocks, or per step a BLAS GEMM
+``h U`` plus a fused Numba pointwise kernel), then optionally a Dense epilogue on the
+chunk while it is in cache.  No [B, T, 4H] buffer is ever held: only [rows, Tc, 4H].
 """
-import numba
 import numpy as np
 
 from . import config
+from ._threads import split, run_blocks
 from .kernels import lstm_cpu, dense_cpu
 from .kernels.activations import ACTIVATION_CODES
 
@@ -14,84 +19,129 @@ _DENSE_CODES["softmax"] = dense_cpu.DENSE_SOFTMAX
 _DENSE_CODES["log_softmax"] = dense_cpu.DENSE_LOG_SOFTMAX
 
 
-def chunk_steps(B, G, itemsize, T):
-    """Steps per chunk so the [B, Tc, G] projection buffer holds about CHUNK_BYTES."""
-    return int(max(1, min(T, config.CHUNK_BYTES // max(1, B * G * itemsize))))
+def chunk_steps(rows, G, itemsize, T):
+    """Steps per chunk so a block's [rows, Tc, G] projection holds about CHUNK_BYTES."""
+    return int(max(1, min(T, config.CHUNK_BYTES // max(1, rows * G * itemsize))))
 
 
 def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
-                 zero_output_for_mask, act, rec):
+                 zero_output_for_mask, act, rec, epilogue=None):
     """x [B, T, D], W [D, 4H], U [H, 4H], b [4H], h0/c0 [B, H] or None, mask [B, T]
     bool or None.  Returns (output, h, c): output is [B, T, H] (processing order) with
-    return_sequences, else the last output [B, H]."""
+    return_sequences, else the last output [B, H].
+
+    epilogue: optional (Wd [H, K], bd [K], activation name): with return_sequences the
+    Dense is applied to each chunk of outputs as it is produced and the output is
+    [B, T, K]; the [B, T, H] sequence is never stored.
+    """
     B, T, D = x.shape
     H = U.shape[0]
     G = 4 * H
     dt = x.dtype
     h = np.zeros((B, H), dt) if h0 is None else h0.copy()
     c = np.zeros((B, H), dt) if c0 is None else c0.copy()
+    if epilogue is not None and not return_sequences:
+        raise ValueError("epilogue needs return_sequences")
+    width = H if epilogue is None else epilogue[0].shape[1]
     if B == 0:
-        out = np.zeros((0, T, H) if return_sequences else (0, H), dt)
+        out = np.zeros((0, T, width) if return_sequences else (0, H), dt)
         return out, h, c
     seen = np.zeros(B, np.uint8)
     if mask is None:
         m8 = np.ones((B, T), np.uint8)
     else:
-        m8 = mask.view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).view(np.uint8)
+        m8 = mask.view(np.uint8)
         if go_backwards:
-            m8 = m8[:, ::-1]
-        m8 = np.ascontiguousarray(m8)
-    if go_backwards:
-        x = x[:, ::-1]
-    out = np.empty((B, T, H), dt) if return_sequences else np.empty((1, 1, 1), dt)
+            m8 = np.ascontiguousarray(m8[:, ::-1])
+    xs = x[:, ::-1] if go_backwards else x
+    out = np.empty((B, T, width), dt) if return_sequences else None
+    ep = None
+    if epilogue is not None:
+        Wd, bd, name = epilogue
+        ep = (Wd, bd, _DENSE_CODES[name])
 
-    Tc = chunk_steps(B, G, dt.itemsize, T)
-    use_gemm = B >= config.GEMM_MIN_BATCH
-    nthreads = numba.get_num_threads()
-    xin = np.empty((B, Tc, D), dt)          # contiguous copy of the chunk's inputs
-    xw = np.empty((B, Tc, G), dt)           # its projection x W
-    zu = np.empty((B, G), dt) if use_gemm else None
-    for s0 in range(0, T, Tc):
-        n = min(Tc, T - s0)
-        if n != Tc:
-            xin = np.empty((B, n, D), dt)
-            xw = np.empty((B, n, G), dt)
-        xin[...] = x[:, s0:s0 + n]
-        np.matmul(xin.reshape(B * n, D), W, out=xw.reshape(B * n, G))
-        mc = m8[:, s0:s0 + n]
-        if not mc.flags.c_contiguous:
-            mc = np.ascontiguousarray(mc)
-        oc = out[:, s0:s0 + n] if return_sequences else out
-        if use_gemm:
-            for s in range(n):
-                np.matmul(h, U, out=zu)
-                lstm_cpu.lstm_step_pointwise(zu, xw, s, b, h, c, seen, mc, oc,
-                                             return_sequences, zero_output_for_mask,
-                                             act, rec)
-        else:
-            lstm_cpu.lstm_chunk_fused(xw, U, b, h, c, seen, mc, oc, return_sequences,
-                                      zero_output_for_mask, act, rec, nthreads)
+    blocks = split(B)
+
+    def run(lo, hi):
+        _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output_for_mask,
+                   act, rec, ep)
+
+    run_blocks(run, blocks)
     if return_sequences:
         return out, h, c
     # the last output as Keras defines it: the output of the final step
-    last_on = m8[:, T - 1] != 0
-    keep = last_on | ((seen != 0) & (not zero_output_for_mask))
+    keep = (m8[:, T - 1] != 0) | ((seen != 0) & (not zero_output_for_mask))
     last = np.where(keep[:, None], h, np.zeros_like(h))
     return last, h, c
 
 
+def _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec, ep):
+    """All time steps for rows lo:hi (runs on one thread)."""
+    _, T, D = xs.shape
+    H = U.shape[0]
+    G = 4 * H
+    dt = xs.dtype
+    rows = hi - lo
+    hb, cb, sb = h[lo:hi], c[lo:hi], seen[lo:hi]
+    Tc = chunk_steps(rows, G, dt.itemsize, T)
+    use_gemm = rows >= config.GEMM_MIN_BATCH
+    write = out is not None
+    zu = np.empty((rows, G), dt) if use_gemm else None
+    hseq = None
+    if ep is not None:
+        hseq = np.empty((rows, Tc, H), dt)       # chunk outputs fed to the epilogue
+        ybuf = np.empty((rows * Tc, ep[0].shape[1]), dt)
+    dummy = np.empty((1, 1, 1), dt)
+    xin = xw = None
+    for s0 in range(0, T, Tc):
+        n = min(Tc, T - s0)
+        if xin is None or xin.shape[1] != n:
+            xin = np.empty((rows, n, D), dt)     # contiguous copy of the chunk's inputs
+            xw = np.empty((rows, n, G), dt)      # its projection x W
+            if ep is not None:
+                hseq = np.empty((rows, n, H), dt)
+                ybuf = np.empty((rows * n, ep[0].shape[1]), dt)
+        xin[...] = xs[lo:hi, s0:s0 + n]
+        np.matmul(xin.reshape(rows * n, D), W, out=xw.reshape(rows * n, G))
+        mc = m8[lo:hi, s0:s0 + n]
+        if not mc.flags.c_contiguous:
+            mc = np.ascontiguousarray(mc)
+        if ep is not None:
+            oc = hseq
+        elif write:
+            oc = out[lo:hi, s0:s0 + n]
+        else:
+            oc = dummy
+        if use_gemm:
+            for s in range(n):
+                np.matmul(hb, U, out=zu)
+                lstm_cpu.lstm_step_pointwise(zu, xw, s, b, hb, cb, sb, mc, oc, write,
+                                             zero_output, act, rec)
+        else:
+            lstm_cpu.lstm_chunk_fused(xw, U, b, hb, cb, sb, mc, oc, write, zero_output,
+                                      act, rec)
+        if ep is not None:
+            np.matmul(hseq.reshape(rows * n, H), ep[0], out=ybuf)
+            dense_cpu.bias_act_rows(ybuf, ep[1], ep[2])
+            out[lo:hi, s0:s0 + n] = ybuf.reshape(rows, n, -1)
+
+
 def dense_forward(x2, W, b, activation):
     """x2 [N, D] @ W [D, K] + b [K], activation fused per chunk of rows.  Returns [N, K]."""
-    N, D = x2.shape
+    N = x2.shape[0]
     K = W.shape[1]
     code = _DENSE_CODES[activation]
     y = np.empty((N, K), x2.dtype)
     if N == 0:
         return y
     step = max(1, int(config.DENSE_CHUNK_ROWS))
-    for r0 in range(0, N, step):
-        r1 = min(N, r0 + step)
-        yc = y[r0:r1]
-        np.matmul(x2[r0:r1], W, out=yc)
-        dense_cpu.bias_act_inplace(yc, b, code)
+
+    def run(lo, hi):
+        for r0 in range(lo, hi, step):
+            r1 = min(hi, r0 + step)
+            yc = y[r0:r1]
+            np.matmul(x2[r0:r1], W, out=yc)
+            dense_cpu.bias_act_rows(yc, b, code)
+
+    run_blocks(run, split(N, min_rows=step))
     return y

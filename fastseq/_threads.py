@@ -1,11 +1,24 @@
-"""Thread count for the CPU backend: Numba's parallel kernels and the BLAS GEMMs."""
+"""Threads of the CPU backend.
+
+The CPU kernels are serial Numba functions that release the GIL; parallelism comes from
+running them on disjoint blocks of rows in a small pool of Python threads (the caller's
+thread plus ``n - 1`` workers), each block running start to end with no barrier, and each
+thread calling single-threaded BLAS for its own GEMMs.  ``n`` defaults to Numba's
+``NUMBA_NUM_THREADS`` (all cores unless set) and is changed with ``set_num_threads``.
+"""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
+
+_state = {"n": None, "pool": None, "blas": None}
+_lock = threading.Lock()
 
 
 def set_num_threads(n):
-    """Use ``n`` threads in the CPU kernels and in the BLAS GEMMs they call.
+    """Use ``n`` threads in the CPU kernels (and in Numba's own parallel code).
 
-    ``n`` may not exceed Numba's pool size (``NUMBA_NUM_THREADS``, default: all cores).
+    ``n`` may not exceed ``NUMBA_NUM_THREADS`` (default: the number of cores).
     """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"set_num_threads: `n` must be an int, got {type(n).__name__}")
@@ -13,18 +26,64 @@ def set_num_threads(n):
     if not 1 <= n <= limit:
         raise ValueError(f"set_num_threads: `n` must be in [1, {limit}] "
                          f"(NUMBA_NUM_THREADS), got {n}")
+    _state["n"] = n
     numba.set_num_threads(n)
-    _blas_limits(n)
 
 
 def get_num_threads():
     """Threads the CPU kernels use now."""
-    return numba.get_num_threads()
+    n = _state["n"]
+    return numba.config.NUMBA_NUM_THREADS if n is None else n
 
 
-def _blas_limits(n):
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it only Numba's threads are limited
+def split(n_rows, min_rows=1):
+    """Contiguous [lo, hi) row blocks, one per thread, each of at least ``min_rows``."""
+    k = max(1, min(get_num_threads(), n_rows // max(1, min_rows)))
+    return [(i * n_rows // k, (i + 1) * n_rows // k) for i in range(k)]
+
+
+def run_blocks(fn, blocks):
+    """Run ``fn(lo, hi)`` for every block, the first on this thread, the rest on the pool;
+    BLAS is kept to one thread meanwhile so the threads do not oversubscribe the cores."""
+    if len(blocks) == 1:
+        fn(*blocks[0])
         return
-    threadpool_limits(limits=n, user_api="blas")
+    with _lock:
+        pool = _state["pool"]
+        if pool is None or pool._max_workers < len(blocks) - 1:
+            pool = _state["pool"] = ThreadPoolExecutor(
+                max_workers=numba.config.NUMBA_NUM_THREADS - 1,
+                thread_name_prefix="fastseq")
+    with _blas_single_thread():
+        futures = [pool.submit(fn, lo, hi) for lo, hi in blocks[1:]]
+        try:
+            fn(*blocks[0])
+        finally:
+            for f in futures:
+                f.result()
+
+
+class _blas_single_thread:
+    """Set every loaded BLAS to one thread; restore the previous counts on exit."""
+
+    def __enter__(self):
+        libs = _state["blas"]
+        if libs is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+                libs = [c for c in ThreadpoolController().lib_controllers
+                        if c.user_api == "blas"]
+            except Exception:  # threadpoolctl missing or unusable: leave BLAS alone
+                libs = []
+            _state["blas"] = libs
+        self.saved = [(c, c.get_num_threads()) for c in libs]
+        for c, n in self.saved:
+            if n != 1:
+                c.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        for c, n in self.saved:
+            if n != 1:
+                c.set_num_threads(n)
+        return False

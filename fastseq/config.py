@@ -26,6 +26,11 @@ def tolerance(dtype):
 # fastmath for the CPU kernels (contractions/reassociation only; no nnan/ninf, so NaN and
 # inf inputs propagate the way they do in numpy).
 FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}
+# Options of every CPU kernel.  error_model="numpy": a division by zero gives inf/nan as
+# in numpy instead of raising, which also lets LLVM vectorise loops that divide.
+NJIT_OPTS = {"fastmath": FASTMATH, "error_model": "numpy", "nogil": True, "cache": True}
+# Helpers inlined into kernels (not cached on their own).
+NJIT_INLINE_OPTS = {"fastmath": FASTMATH, "error_model": "numpy"}
 
 # Time steps per chunk of the input projection are chosen so the chunk's [B, Tc, 4H]
 # buffer holds about this many bytes (it stays in cache between the GEMM and the steps).

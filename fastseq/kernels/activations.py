@@ -12,7 +12,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ..config import FASTMATH
+from ..config import NJIT_INLINE_OPTS
 
 ACT_LINEAR = 0
 ACT_TANH = 1
@@ -62,11 +62,11 @@ def _tanh32_impl(x):
     return r
 
 
-@overload(apply_act, jit_options={"fastmath": FASTMATH})
+@overload(apply_act, jit_options=NJIT_INLINE_OPTS)
 def _apply_act_overload(code, x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         from numba import njit
-        tanh32 = njit(fastmath=FASTMATH)(_tanh32_impl)
+        tanh32 = njit(**NJIT_INLINE_OPTS)(_tanh32_impl)
 
         def impl32(code, x):
             if code == ACT_TANH:

@@ -6,9 +6,9 @@ activation are applied (one read and one write of each logit after the GEMM).
 """
 import math
 
-from numba import njit, prange
+from numba import njit
 
-from ..config import FASTMATH
+from ..config import NJIT_OPTS
 from .activations import apply_act
 
 # Dense activation codes beyond the elementwise ones of activations.py
@@ -16,16 +16,16 @@ DENSE_SOFTMAX = 100
 DENSE_LOG_SOFTMAX = 101
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def bias_act_inplace(y, b, act):
-    """y <- act(y + b), row by row.
+@njit(**NJIT_OPTS)
+def bias_act_rows(y, b, act):
+    """y <- act(y + b), row by row (one thread; callers split rows across threads).
 
     y:   [N, K] logits x W of a chunk of rows, overwritten with the activations
     b:   [K] bias (zeros when the layer has none)
     act: an ACT_* code from activations.py, or DENSE_SOFTMAX / DENSE_LOG_SOFTMAX
     """
     N, K = y.shape
-    for r in prange(N):
+    for r in range(N):
         row = y[r]
         if act == DENSE_SOFTMAX or act == DENSE_LOG_SOFTMAX:
             # stable softmax: subtract the row max before exp

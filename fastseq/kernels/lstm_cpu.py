@@ -13,11 +13,11 @@ so "previous output" is ``h`` when ``seen`` and zero otherwise.
 import numpy as np
 from numba import njit, prange
 
-from ..config import FASTMATH
+from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
 from .activations import apply_act, ACT_TANH, ACT_SIGMOID
 
 
-@njit(fastmath=FASTMATH)
+@njit(**NJIT_INLINE_OPTS)
 def _cell_row(z, hrow, crow, H, act, rec):
     """Gates and state update for one batch row, in place.
 
@@ -45,7 +45,7 @@ def _cell_row(z, hrow, crow, H, act, rec):
             hrow[j] = o * apply_act(act, cn)
 
 
-@njit(fastmath=FASTMATH)
+@njit(**NJIT_INLINE_OPTS)
 def _emit(out, b, s, hrow, H, write, on, seen_b, zero_output):
     """Write the output of row b at chunk step s (see module docstring)."""
     if write:
@@ -57,72 +57,66 @@ def _emit(out, b, s, hrow, H, write, on, seen_b, zero_output):
                 out[b, s, j] = 0.0
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def lstm_chunk_fused(xw, U, b, h, c, seen, mask, out, write_out, zero_output,
-                     act, rec, nthreads):
-    """Run the recurrence over one chunk of steps, rows split across threads.
+@njit(**NJIT_OPTS)
+def lstm_chunk_fused(xw, U, b, h, c, seen, mask, out, write_out, zero_output, act, rec):
+    """Run the recurrence over one chunk of steps for a block of rows (one thread).
 
-    xw:   [B, Tc, 4H] input projection x W for the chunk, in processing order
+    xw:   [Bp, Tc, 4H] input projection x W of the chunk, in processing order
     U:    [H, 4H] recurrent kernel
     b:    [4H] bias (zeros when the layer has none)
-    h, c: [B, H] state, updated in place
-    seen: [B] uint8, updated in place (row has had an unmasked step)
-    mask: [B, Tc] uint8 (1 = step is computed); all ones when there is no mask
-    out:  [B, Tc, H] outputs of the chunk (written when write_out)
-    nthreads: rows are split into this many contiguous groups, one per thread
+    h, c: [Bp, H] state of the rows, updated in place
+    seen: [Bp] uint8, updated in place (row has had an unmasked step)
+    mask: [Bp, Tc] uint8 (1 = step is computed); all ones when there is no mask
+    out:  [Bp, Tc, H] outputs of the chunk (written when write_out)
     """
-    B, Tc, G = xw.shape
+    Bp, Tc, G = xw.shape
     H = G // 4
-    nt = max(1, min(B, nthreads))
-    for t in prange(nt):
-        lo = t * B // nt
-        hi = (t + 1) * B // nt
-        z = np.empty(G, dtype=xw.dtype)
-        for r in range(lo, hi):
-            hrow = h[r]
-            crow = c[r]
-            for s in range(Tc):
-                on = mask[r, s] != 0
-                if on:
+    z = np.empty(G, dtype=xw.dtype)
+    for r in range(Bp):
+        hrow = h[r]
+        crow = c[r]
+        for s in range(Tc):
+            on = mask[r, s] != 0
+            if on:
+                for j in range(G):
+                    z[j] = xw[r, s, j] + b[j]
+                # z += h U, four rows of U per pass (fewer loads/stores of z)
+                k = 0
+                while k + 4 <= H:
+                    h0 = hrow[k]
+                    h1 = hrow[k + 1]
+                    h2 = hrow[k + 2]
+                    h3 = hrow[k + 3]
                     for j in range(G):
-                        z[j] = xw[r, s, j] + b[j]
-                    # z += h U, four rows of U per pass (fewer loads/stores of z)
-                    k = 0
-                    while k + 4 <= H:
-                        h0 = hrow[k]
-                        h1 = hrow[k + 1]
-                        h2 = hrow[k + 2]
-                        h3 = hrow[k + 3]
-                        for j in range(G):
-                            z[j] += (h0 * U[k, j] + h1 * U[k + 1, j]
-                                     + h2 * U[k + 2, j] + h3 * U[k + 3, j])
-                        k += 4
-                    while k < H:
-                        hk = hrow[k]
-                        for j in range(G):
-                            z[j] += hk * U[k, j]
-                        k += 1
-                    _cell_row(z, hrow, crow, H, act, rec)
-                    seen[r] = 1
-                _emit(out, r, s, hrow, H, write_out, on, seen[r] != 0, zero_output)
+                        z[j] += (h0 * U[k, j] + h1 * U[k + 1, j]
+                                 + h2 * U[k + 2, j] + h3 * U[k + 3, j])
+                    k += 4
+                while k < H:
+                    hk = hrow[k]
+                    for j in range(G):
+                        z[j] += hk * U[k, j]
+                    k += 1
+                _cell_row(z, hrow, crow, H, act, rec)
+                seen[r] = 1
+            _emit(out, r, s, hrow, H, write_out, on, seen[r] != 0, zero_output)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+@njit(**NJIT_OPTS)
 def lstm_step_pointwise(zu, xw, s, b, h, c, seen, mask, out, write_out, zero_output,
                         act, rec):
-    """One step of the GEMM path: gates from z = xw[:, s] + h U + b, rows in parallel.
+    """One step of the GEMM path for a block of rows: gates from z = h U + xw[:, s] + b.
 
-    zu:   [B, 4H] recurrent product h U of this step (from a BLAS GEMM), overwritten
-    xw:   [B, Tc, 4H] input projection of the chunk; s is the chunk step
+    zu:   [Bp, 4H] recurrent product h U of this step (from a BLAS GEMM), overwritten
+    xw:   [Bp, Tc, 4H] input projection of the chunk; s is the step within the chunk
     b:    [4H] bias
-    h, c: [B, H] state, updated in place
-    seen: [B] uint8, updated in place
-    mask: [B, Tc] uint8 (1 = step is computed)
-    out:  [B, Tc, H] outputs of the chunk (written when write_out)
+    h, c: [Bp, H] state, updated in place
+    seen: [Bp] uint8, updated in place
+    mask: [Bp, Tc] uint8 (1 = step is computed)
+    out:  [Bp, Tc, H] outputs of the chunk (written when write_out)
     """
-    B, G = zu.shape
+    Bp, G = zu.shape
     H = G // 4
-    for r in prange(B):
+    for r in range(Bp):
         on = mask[r, s] != 0
         if on:
             z = zu[r]

@@ -1,0 +1,321 @@
+"""CUDA kernels for the LSTM recurrence (Numba CUDA).
+
+Two kernels share one device function, ``cell_step``, that runs one time step for a
+block's slice of hidden units:
+
+* ``lstm_persistent`` - one cooperative launch for all T steps.  Block ``bx`` owns hidden
+  units ``j0 = bx*HB .. j0+nu`` (``nu <= HB``; the last block may be ragged) for every
+  batch row.  It copies the columns of the recurrent weights that feed its units (all four
+  gates, ``4*nu`` rows of ``Ut``) into shared memory once and keeps them there for the
+  whole sequence.  Between steps a grid-wide barrier (``cuda.cg.this_grid().sync()``)
+  publishes the new ``h``; ``h`` is double-buffered in global memory (step ``s`` reads
+  ``hbuf[s % 2]``, writes ``hbuf[1 - s % 2]``), so one barrier per step is enough.  The
+  cell state ``c`` of a unit is only ever touched by the thread that owns it.
+* ``lstm_step`` - the fallback when the weight slices do not fit on chip or the grid
+  cannot be co-resident: one launch per step, weights read from global memory (L2).
+  Grid = (hidden-unit slices, batch chunks).
+
+Thread mapping inside a block (both kernels): the block's work is a list of *items*,
+one per (unit ``u``, group of ``RBB`` batch rows).  ``KS`` threads (a power of two)
+cooperate on one item, each summing every ``KS``-th term of the four length-H dot
+products ``h[b, :] . U[:, g*H + j]`` for its ``RBB`` rows (so each weight loaded from
+shared memory is used ``RBB`` times), followed by a shared-memory tree reduction over
+the ``KS`` partial sums.  Items are processed in rounds of ``blockDim.x // KS`` so every
+thread of the block runs the same number of rounds (barriers stay uniform).  The thread
+with ``part == 0`` then applies the gates, masking and output rules for its item.
+
+Shared memory of the persistent kernel (dynamic, one array): ``Us`` = ``4*HB`` rows of
+``Hp`` values (row ``g*HB + u`` = recurrent weights of gate ``g`` into unit ``j0+u``;
+``Hp >= H`` is padded so the rows of the items that share a warp start in different
+banks), followed by the reduction buffer ``red`` of ``4*RBB*blockDim.x`` values (only
+when ``KS > 1``).  The per-step kernel only has ``red``.
+
+Keras semantics (keras/src/backend/tensorflow/rnn.py): a masked step keeps h and c; its
+output is the previous output (zero before the first unmasked step) or zero with
+``zero_output_for_mask``; the returned last output is the output of the last processed
+step; with ``go_backwards`` time runs backwards and outputs are stored in processing
+order.
+
+Kernels are built per (dtype, RBB) by ``lstm_kernels`` so constants and shared/local
+arrays have the right type; ``signatures`` lists the exact Numba signatures the glue
+(``fastseq._cuda``) compiles.  Importing this module needs ``numba.cuda`` but no GPU.
+"""
+import math
+
+import numpy as np
+from numba import cuda
+from numba import types as nbt
+
+# Activation codes: same numbers as fastseq.kernels.activations.ACTIVATION_CODES.
+ACT_LINEAR = 0
+ACT_TANH = 1
+ACT_SIGMOID = 2
+ACT_HARD_SIGMOID = 3
+ACT_RELU = 4
+ACT_SOFTSIGN = 5
+
+ACTIVATION_CODES = {
+    "linear": ACT_LINEAR,
+    "tanh": ACT_TANH,
+    "sigmoid": ACT_SIGMOID,
+    "hard_sigmoid": ACT_HARD_SIGMOID,
+    "relu": ACT_RELU,
+    "softsign": ACT_SOFTSIGN,
+}
+
+# Register tiles over batch rows that the glue uses.
+RBB_CHOICES = (1, 4)
+
+_NB_DTYPES = {np.dtype(np.float32): nbt.float32, np.dtype(np.float64): nbt.float64}
+
+
+def make_act(np_dtype):
+    """Device function ``act(code, x)`` for one float dtype (constants of that dtype, so
+    float32 stays float32)."""
+    ty = np.dtype(np_dtype).type
+    ZERO = ty(0.0)
+    ONE = ty(1.0)
+    THREE = ty(3.0)
+    SIX = ty(6.0)
+
+    @cuda.jit(device=True)
+    def act(code, x):
+        if code == ACT_TANH:
+            return math.tanh(x)
+        elif code == ACT_SIGMOID:
+            if x >= ZERO:
+                return ONE / (ONE + math.exp(-x))
+            e = math.exp(x)
+            return e / (ONE + e)
+        elif code == ACT_HARD_SIGMOID:
+            y = (x + THREE) / SIX
+            if y < ZERO:
+                y = ZERO
+            if y > ONE:
+                y = ONE
+            return y
+        elif code == ACT_RELU:
+            if x < ZERO:
+                return ZERO
+            return x
+        elif code == ACT_SOFTSIGN:
+            return x / (ONE + abs(x))
+        return x
+
+    return act
+
+
+class LSTMKernels:
+    """Python kernel functions for one (dtype, RBB), plus their Numba signatures."""
+
+    def __init__(self, np_dtype, rbb, persistent, step, transpose, signatures):
+        self.dtype = np.dtype(np_dtype)
+        self.rbb = rbb
+        self.persistent = persistent
+        self.step = step
+        self.transpose = transpose
+        self.signatures = signatures
+
+
+_CACHE = {}
+
+
+def signatures(np_dtype):
+    """Numba signatures, per kernel name, for one float dtype."""
+    f = _NB_DTYPES[np.dtype(np_dtype)]
+    i8 = nbt.int64
+    a1 = f[::1]
+    a2 = f[:, ::1]
+    a3 = f[:, :, ::1]
+    m2 = nbt.uint8[:, ::1]
+    return {
+        # G, Ut, bias, hbuf, c, ylast, out, mask,
+        # HB, KS, Hp, has_mask, go_back, zofm, ret_seq, act, ract
+        "persistent": (a3, a2, a1, a3, a2, a2, a3, m2,
+                       i8, i8, i8, i8, i8, i8, i8, i8, i8),
+        # G, Ut1, bias, hin, hout, c, ylast, out, mask, s, t,
+        # HB, BB, KS, has_mask, zofm, ret_seq, act, ract
+        "step": (a3, a1, a1, a2, a2, a2, a2, a3, m2, i8, i8,
+                 i8, i8, i8, i8, i8, i8, i8, i8),
+        # A, AT
+        "transpose": (a2, a2),
+    }
+
+
+def lstm_kernels(np_dtype, rbb):
+    """Build (once) the LSTM kernels for ``np_dtype`` (float32/float64) and a register
+    tile of ``rbb`` batch rows per thread."""
+    key = (np.dtype(np_dtype).str, int(rbb))
+    ks = _CACHE.get(key)
+    if ks is not None:
+        return ks
+    nbdt = _NB_DTYPES[np.dtype(np_dtype)]
+    ty = np.dtype(np_dtype).type
+    ZERO = ty(0.0)
+    RBB = int(rbb)
+    act_fn = make_act(np_dtype)
+
+    @cuda.jit(device=True)
+    def cell_step(s, t, G, bias, Uc, ldu, gstride, uoff, hin, hout, c, ylast, out, mask,
+                  j0, nu, b0, b1, KS, red, has_mask, zofm, ret_seq, act, ract):
+        # One time step for units j0..j0+nu-1 and batch rows b0..b1-1.
+        # G: [B, T, 4H] input projection x@W (no bias); bias: [4H]
+        # Uc: 1-D weights; the weights of gate g into unit j0+u are
+        #     Uc[(g*gstride + uoff + u)*ldu + k], k < H
+        # hin, hout, c, ylast: [B, H]; out: [B, T, H] (or dummy); mask: [B, T] uint8
+        # red: reduction buffer, 4*RBB*blockDim.x values (used when KS > 1)
+        tid = cuda.threadIdx.x
+        nthr = cuda.blockDim.x
+        H = hin.shape[1]
+        part = tid % KS
+        slot = tid // KS
+        nslots = nthr // KS
+        ngrp = (b1 - b0 + RBB - 1) // RBB
+        nitems = ngrp * nu
+        nrounds = (nitems + nslots - 1) // nslots
+        acc = cuda.local.array((4, RBB), nbdt)
+        for rnd in range(nrounds):
+            item = rnd * nslots + slot
+            valid = item < nitems
+            for g in range(4):
+                for r in range(RBB):
+                    acc[g, r] = ZERO
+            u = 0
+            bb0 = b0
+            if valid:
+                u = item % nu
+                bb0 = b0 + (item // nu) * RBB
+                r0 = (uoff + u) * ldu
+                r1 = (gstride + uoff + u) * ldu
+                r2 = (2 * gstride + uoff + u) * ldu
+                r3 = (3 * gstride + uoff + u) * ldu
+                for k in range(part, H, KS):
+                    w0 = Uc[r0 + k]
+                    w1 = Uc[r1 + k]
+                    w2 = Uc[r2 + k]
+                    w3 = Uc[r3 + k]
+                    for r in range(RBB):
+                        bb = min(bb0 + r, b1 - 1)   # tail rows recompute row b1-1
+                        hk = hin[bb, k]
+                        acc[0, r] += hk * w0
+                        acc[1, r] += hk * w1
+                        acc[2, r] += hk * w2
+                        acc[3, r] += hk * w3
+            if KS > 1:
+                for g in range(4):
+                    for r in range(RBB):
+                        red[(g * RBB + r) * nthr + tid] = acc[g, r]
+                cuda.syncthreads()
+                w = KS // 2
+                while w > 0:
+                    if part < w:
+                        for q in range(4 * RBB):
+                            red[q * nthr + tid] += red[q * nthr + tid + w]
+                    cuda.syncthreads()
+                    w //= 2
+                if part == 0:
+                    for g in range(4):
+                        for r in range(RBB):
+                            acc[g, r] = red[(g * RBB + r) * nthr + tid]
+                cuda.syncthreads()
+            if valid and part == 0:
+                j = j0 + u
+                for r in range(RBB):
+                    bb = bb0 + r
+                    if bb < b1:
+                        on = True
+                        if has_mask != 0:
+                            on = mask[bb, t] != 0
+                        if on:
+                            zi = acc[0, r] + (G[bb, t, j] + bias[j])
+                            zf = acc[1, r] + (G[bb, t, H + j] + bias[H + j])
+                            zc = acc[2, r] + (G[bb, t, 2 * H + j] + bias[2 * H + j])
+                            zo = acc[3, r] + (G[bb, t, 3 * H + j] + bias[3 * H + j])
+                            ig = act_fn(ract, zi)
+                            fg = act_fn(ract, zf)
+                            og = act_fn(ract, zo)
+                            cn = fg * c[bb, j] + ig * act_fn(act, zc)
+                            hn = og * act_fn(act, cn)
+                            c[bb, j] = cn
+                            hout[bb, j] = hn
+                            y = hn
+                        else:
+                            hout[bb, j] = hin[bb, j]
+                            if zofm != 0:
+                                y = ZERO
+                            else:
+                                y = ylast[bb, j]
+                        ylast[bb, j] = y
+                        if ret_seq != 0:
+                            out[bb, s, j] = y
+
+    def lstm_persistent(G, Ut, bias, hbuf, c, ylast, out, mask,
+                        HB, KS, Hp, has_mask, go_back, zofm, ret_seq, act, ract):
+        # G: [B, T, 4H]; Ut: [4H, H] (recurrent kernel transposed: Ut[g*H+j, k] =
+        # U[k, g*H+j]); bias: [4H]; hbuf: [2, B, H] (hbuf[0] = h0 on entry);
+        # c: [B, H] (c0 on entry); ylast: [B, H] zeros on entry; out: [B, T, H] or
+        # [1, 1, 1]; mask: [B, T] uint8 or [1, 1].  Grid: ceil(H/HB) blocks, launched
+        # cooperatively; dynamic shared memory 4*HB*Hp (+ 4*RBB*blockDim.x if KS > 1).
+        B = G.shape[0]
+        T = G.shape[1]
+        H = Ut.shape[1]
+        j0 = cuda.blockIdx.x * HB
+        nu = min(HB, H - j0)
+        tid = cuda.threadIdx.x
+        nthr = cuda.blockDim.x
+        sm = cuda.shared.array(0, nbdt)
+        nus = 4 * HB * Hp
+        Us = sm[:nus]
+        red = sm[nus:]
+        total = 4 * nu * H
+        for e in range(tid, total, nthr):
+            row = e // H
+            k = e - row * H
+            g = row // nu
+            u = row - g * nu
+            Us[(g * HB + u) * Hp + k] = Ut[g * H + j0 + u, k]
+        cuda.syncthreads()
+        grid = cuda.cg.this_grid()
+        for s in range(T):
+            t = s
+            if go_back != 0:
+                t = T - 1 - s
+            p = s % 2
+            cell_step(s, t, G, bias, Us, Hp, HB, 0, hbuf[p], hbuf[1 - p], c, ylast, out,
+                      mask, j0, nu, 0, B, KS, red, has_mask, zofm, ret_seq, act, ract)
+            if s + 1 < T:
+                grid.sync()
+
+    def lstm_step(G, Ut1, bias, hin, hout, c, ylast, out, mask, s, t,
+                  HB, BB, KS, has_mask, zofm, ret_seq, act, ract):
+        # One step: G [B, T, 4H]; Ut1: [4H*H] (Ut flattened, row stride H); bias [4H];
+        # hin, hout, c, ylast: [B, H]; out [B, T, H] or [1, 1, 1]; mask [B, T] uint8.
+        # Grid: (ceil(H/HB), ceil(B/BB)); dynamic shared memory 4*RBB*blockDim.x if
+        # KS > 1.
+        B = hin.shape[0]
+        H = hin.shape[1]
+        j0 = cuda.blockIdx.x * HB
+        nu = min(HB, H - j0)
+        b0 = cuda.blockIdx.y * BB
+        b1 = min(B, b0 + BB)
+        red = cuda.shared.array(0, nbdt)
+        cell_step(s, t, G, bias, Ut1, H, H, j0, hin, hout, c, ylast, out, mask,
+                  j0, nu, b0, b1, KS, red, has_mask, zofm, ret_seq, act, ract)
+
+    def transpose(A, AT):
+        # A: [R, C] -> AT: [C, R]; 1-D grid-stride loop over the elements of AT.
+        R = A.shape[0]
+        C = A.shape[1]
+        n = R * C
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            cc = i // R
+            rr = i - cc * R
+            AT[cc, rr] = A[rr, cc]
+            i += stride
+
+    ks = LSTMKernels(np_dtype, RBB, lstm_persistent, lstm_step, transpose,
+                     signatures(np_dtype))
+    _CACHE[key] = ks
+    return ks
