@@ -1,0 +1,517 @@
+"""Import a Keras 3 sequence model into fastseq: ``from_keras(keras_model) -> Model``.
+
+A supported model is one chain of single-input layers (a ``Sequential`` model, or a
+functional model with one input and one path, nested models allowed):
+
+* ``Embedding`` (first layer only; ``mask_zero=True`` gives mask = ids != 0),
+* ``Masking`` (mask = any(x != mask_value, -1), output x where mask else 0),
+* ``LSTM`` (any activations, ``use_bias``, ``go_backwards``, ``zero_output_for_mask``,
+  ``return_sequences``; dropouts are inactive at inference),
+* ``Bidirectional(LSTM)`` with every ``merge_mode`` (``None`` only as the last layer:
+  the output is the list [forward, backward]),
+* ``Dense`` / ``TimeDistributed(Dense)`` on inputs of any rank,
+* ``Dropout``, ``SpatialDropout1D``, ``GaussianNoise``, ``GaussianDropout``,
+  ``AlphaDropout``, ``Identity`` (the identity at inference),
+* ``Activation`` and ``Softmax``.
+
+The mask [B, T] flows between layers as in Keras: LSTM and Bidirectional keep it with
+``return_sequences`` and drop it otherwise; Dense, TimeDistributed, the dropouts and the
+activations pass it on; Masking and Embedding(mask_zero) set it.  Keras's Bidirectional
+forces ``zero_output_for_mask = return_sequences`` on both inner LSTMs when it is built,
+so the inner layers' attributes (read here) already carry that.  A Softmax layer that
+receives a mask applies it the way Keras does (masked logits set to -1e9, masked outputs
+to 0, the [B, T] mask broadcast against the input from the right).
+
+All LSTM and Dense compute goes through ``fastseq.lstm`` / ``fastseq.dense``; the
+embedding lookup is ``np.take``; merges, masking and stand-alone activations are NumPy.
+Each layer computes in float64 when its Keras compute dtype is float64, else in float32.
+"""
+import numpy as np
+from scipy import special
+
+from . import _validate
+from .ops import DENSE_ACTIVATIONS, LSTM_ACTIVATIONS, dense, lstm
+
+__all__ = ["from_keras", "Model"]
+
+
+def _hard_sigmoid(x):
+    return np.clip(x + 3, 0, 6) / 6  # Keras 3: relu6(x + 3) / 6
+
+
+def _elu(x):
+    return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
+
+
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+
+# Activations of Activation layers (and of a Dense layer whose activation fastseq.dense
+# does not fuse), applied over the last axis.
+NUMPY_ACTIVATIONS = {
+    "linear": lambda x: x,
+    "relu": lambda x: np.maximum(x, 0),
+    "relu6": lambda x: np.clip(x, 0, 6),
+    "sigmoid": special.expit,
+    "hard_sigmoid": _hard_sigmoid,
+    "tanh": np.tanh,
+    "softmax": lambda x: special.softmax(x, axis=-1),
+    "log_softmax": lambda x: special.log_softmax(x, axis=-1),
+    "softplus": lambda x: np.logaddexp(x, 0),
+    "softsign": lambda x: x / (np.abs(x) + 1),
+    "elu": _elu,
+    "selu": lambda x: _SELU_SCALE * np.where(x > 0, x, _SELU_ALPHA * np.expm1(
+        np.minimum(x, 0))),
+    "exponential": np.exp,
+    "silu": lambda x: x * special.expit(x),
+}
+
+
+# --- layer records ----------------------------------------------------------------------
+class Layer:
+    """One imported Keras layer: its Keras name and class, the dtype it computes in, its
+    weights as NumPy arrays (attributes of the subclass) and its forward pass
+    ``forward(x, mask, device) -> (y, mask)``."""
+
+    def __init__(self, name, keras_class, dtype):
+        self.name = name                # the Keras layer's name
+        self.keras_class = keras_class  # e.g. "LSTM", "TimeDistributed(Dense)"
+        self.dtype = np.dtype(dtype)    # float32 or float64
+
+    def forward(self, x, mask, device="auto"):
+        raise NotImplementedError
+
+    def _cast(self, x):
+        return np.asarray(x).astype(self.dtype, copy=False)
+
+    def __repr__(self):
+        arrays = {k: v.shape for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        extra = "".join(f", {k}={v}" for k, v in arrays.items())
+        return (f"<{type(self).__name__} {self.name!r} ({self.keras_class}), "
+                f"{self.dtype}{extra}>")
+
+
+class Embedding(Layer):
+    """embeddings [V, E]; ids [B, T] -> [B, T, E]."""
+
+    def __init__(self, name, keras_class, dtype, embeddings, mask_zero):
+        super().__init__(name, keras_class, dtype)
+        self.embeddings = embeddings
+        self.mask_zero = bool(mask_zero)
+
+    def forward(self, x, mask, device="auto"):
+        y = np.take(self.embeddings, x, axis=0)
+        return y, (x != 0 if self.mask_zero else None)
+
+
+class Masking(Layer):
+    def __init__(self, name, keras_class, dtype, mask_value):
+        super().__init__(name, keras_class, dtype)
+        self.mask_value = self.dtype.type(mask_value)
+
+    def forward(self, x, mask, device="auto"):
+        x = self._cast(x)
+        keep = np.any(x != self.mask_value, axis=-1)
+        return np.where(keep[..., None], x, self.dtype.type(0)), keep
+
+
+class LSTM(Layer):
+    """kernel [D, 4H], recurrent_kernel [H, 4H], bias [4H] or None (gates i, f, c, o)."""
+
+    def __init__(self, name, keras_class, dtype, kernel, recurrent_kernel, bias, *,
+                 return_sequences, go_backwards, zero_output_for_mask, activation,
+                 recurrent_activation):
+        super().__init__(name, keras_class, dtype)
+        self.kernel = kernel
+        self.recurrent_kernel = recurrent_kernel
+        self.bias = bias
+        self.return_sequences = bool(return_sequences)
+        self.go_backwards = bool(go_backwards)
+        self.zero_output_for_mask = bool(zero_output_for_mask)
+        self.activation = activation
+        self.recurrent_activation = recurrent_activation
+
+    def forward(self, x, mask, device="auto"):
+        y = lstm(self._cast(x), self.kernel, self.recurrent_kernel, self.bias, mask=mask,
+                 return_sequences=self.return_sequences, go_backwards=self.go_backwards,
+                 zero_output_for_mask=self.zero_output_for_mask,
+                 activation=self.activation,
+                 recurrent_activation=self.recurrent_activation, device=device)
+        return y, (mask if self.return_sequences else None)
+
+
+class Bidirectional(Layer):
+    """Two LSTM records; the backward one's sequence output is flipped back to input time
+    order before the merge ("concat", "sum", "mul", "ave", or None: a list of both)."""
+
+    def __init__(self, name, keras_class, dtype, forward_layer, backward_layer, merge_mode):
+        super().__init__(name, keras_class, dtype)
+        self.forward_layer = forward_layer
+        self.backward_layer = backward_layer
+        self.merge_mode = merge_mode
+        self.return_sequences = forward_layer.return_sequences
+
+    def __repr__(self):
+        return (f"<Bidirectional {self.name!r} (merge_mode={self.merge_mode!r}): "
+                f"{self.forward_layer!r}, {self.backward_layer!r}>")
+
+    def forward(self, x, mask, device="auto"):
+        y, _ = self.forward_layer.forward(x, mask, device)
+        y_rev, _ = self.backward_layer.forward(x, mask, device)
+        y, y_rev = self._cast(y), self._cast(y_rev)
+        if self.return_sequences:
+            y_rev = np.ascontiguousarray(y_rev[:, ::-1])
+        out_mask = mask if self.return_sequences else None
+        mode = self.merge_mode
+        if mode is None:
+            return [y, y_rev], out_mask
+        if mode == "concat":
+            out = np.concatenate([y, y_rev], axis=-1)
+        elif mode == "sum":
+            out = y + y_rev
+        elif mode == "ave":
+            out = (y + y_rev) / 2
+        else:  # "mul"
+            out = y * y_rev
+        return out, out_mask
+
+
+class Dense(Layer):
+    """kernel [D, K], bias [K] or None; over the last axis of an input of any rank."""
+
+    def __init__(self, name, keras_class, dtype, kernel, bias, activation):
+        super().__init__(name, keras_class, dtype)
+        self.kernel = kernel
+        self.bias = bias
+        self.activation = activation
+
+    def forward(self, x, mask, device="auto"):
+        fused = self.activation in DENSE_ACTIVATIONS
+        y = dense(self._cast(x), self.kernel, self.bias,
+                  activation=self.activation if fused else None, device=device)
+        if not fused:
+            y = self._cast(NUMPY_ACTIVATIONS[self.activation](y))
+        return y, mask
+
+
+class Identity(Layer):
+    """Dropout, SpatialDropout1D, GaussianNoise, ...: the identity at inference."""
+
+    def forward(self, x, mask, device="auto"):
+        return self._cast(x), mask
+
+
+class Activation(Layer):
+    def __init__(self, name, keras_class, dtype, activation):
+        super().__init__(name, keras_class, dtype)
+        self.activation = activation
+
+    def forward(self, x, mask, device="auto"):
+        return self._cast(NUMPY_ACTIVATIONS[self.activation](self._cast(x))), mask
+
+
+class Softmax(Layer):
+    def __init__(self, name, keras_class, dtype, axis):
+        super().__init__(name, keras_class, dtype)
+        self.axis = tuple(axis) if isinstance(axis, (list, tuple)) else int(axis)
+
+    def forward(self, x, mask, device="auto"):
+        x = self._cast(x)
+        if mask is not None:
+            # Keras broadcasts the mask against the input from the right and requires
+            # every mask dimension to be 1 or equal to the input's.
+            if mask.ndim > x.ndim or any(m not in (1, i) for m, i in
+                                         zip(mask.shape[::-1], x.shape[::-1])):
+                raise ValueError(
+                    f"Softmax layer {self.name!r} receives the mask of shape {mask.shape} "
+                    f"from earlier layers, which cannot be broadcast to its input of "
+                    f"shape {x.shape} (Keras raises the same error for this model)")
+            x = np.where(mask, x, self.dtype.type(-1e9))
+        y = self._cast(special.softmax(x, axis=self.axis))
+        if mask is not None:
+            y = np.where(mask, y, self.dtype.type(0))
+        return y, mask
+
+
+# --- the model --------------------------------------------------------------------------
+class Model:
+    """A chain of imported layers with ``predict`` equal to the Keras model's.
+
+    ``layers``: the layer records in call order; ``input_shape``: the Keras input shape
+    (batch axis ``None``); ``device``: passed to ``fastseq.lstm`` / ``fastseq.dense``.
+    """
+
+    def __init__(self, layers, input_shape, device="auto", name=None):
+        _validate.check_device("Model", device)
+        self.layers = list(layers)
+        if not self.layers:
+            raise ValueError("Model: `layers` must hold at least one layer")
+        self.input_shape = tuple(input_shape)
+        self.device = device
+        self.name = name
+
+    def __repr__(self):
+        rows = "".join(f"\n  {layer!r}" for layer in self.layers)
+        return (f"<fastseq.Model {self.name!r} input {self.input_shape}, "
+                f"device={self.device!r}:{rows}>")
+
+    def predict(self, x, batch_size=None):
+        """What ``keras_model.predict(x)`` returns: a NumPy array (a list of two for a
+        final Bidirectional with merge_mode=None).  ``batch_size=None`` runs the whole
+        input in one pass; otherwise in slices of ``batch_size`` samples."""
+        x = self._check_input(x)
+        n = len(x)
+        if batch_size is None:
+            step = n
+        elif isinstance(batch_size, (bool, np.bool_)) or not isinstance(
+                batch_size, (int, np.integer)):
+            raise TypeError(f"predict: `batch_size` must be None or a positive int, got "
+                            f"{type(batch_size).__name__}")
+        elif batch_size < 1:
+            raise ValueError(f"predict: `batch_size` must be None or a positive int, got "
+                             f"{batch_size}")
+        else:
+            step = int(batch_size)
+        parts = [self._forward(x[i:i + step]) for i in range(0, n, step)]
+        if len(parts) == 1:
+            return parts[0]
+        if isinstance(parts[0], list):
+            return [np.concatenate(p, axis=0) for p in zip(*parts)]
+        return np.concatenate(parts, axis=0)
+
+    def predict_classes(self, x, batch_size=None):
+        """argmax over the last axis of ``predict(x)`` (per output for a list)."""
+        y = self.predict(x, batch_size)
+        if isinstance(y, list):
+            return [np.argmax(t, axis=-1) for t in y]
+        return np.argmax(y, axis=-1)
+
+    def _forward(self, x):
+        mask = None
+        for layer in self.layers:
+            x, mask = layer.forward(x, mask, self.device)
+        return x
+
+    def _check_input(self, x):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:
+            raise TypeError(f"predict: `x` must be an array of numbers, got "
+                            f"{type(x).__name__} ({exc})") from None
+        shape, first = self.input_shape, self.layers[0]
+        tokens = isinstance(first, Embedding)
+        meaning = "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+        if x.dtype.kind not in ("iuf" if tokens else "biuf"):
+            what = "integer token ids" if tokens else "real numbers"
+            raise TypeError(f"predict: `x` must hold {what}, got dtype {x.dtype}")
+        if x.ndim != len(shape):
+            raise ValueError(f"predict: `x` must be {len(shape)}-D with shape {meaning}, "
+                             f"got shape {x.shape}")
+        if x.size == 0:
+            raise ValueError(f"predict: `x` must not be empty, got shape {x.shape}")
+        if not tokens and shape[-1] is not None and x.shape[-1] != shape[-1]:
+            raise ValueError(f"predict: `x` must have shape {meaning} ({shape[-1]} "
+                             f"features on the last axis), got shape {x.shape}")
+        if tokens:
+            if x.dtype.kind == "f":
+                if not np.all(np.isfinite(x)) or np.any(x != np.trunc(x)):
+                    raise ValueError("predict: `x` holds token ids for Embedding layer "
+                                     f"{first.name!r}; float ids must be whole numbers")
+                x = x.astype(np.int64)
+            vocab = first.embeddings.shape[0]
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"predict: `x` holds token ids outside [0, {vocab}) of "
+                                 f"Embedding layer {first.name!r}: min {lo}, max {hi}")
+        return x
+
+
+# --- import -----------------------------------------------------------------------------
+def from_keras(keras_model, device="auto"):
+    """A fastseq ``Model`` holding NumPy copies of ``keras_model``'s weights, whose
+    ``predict`` returns what ``keras_model.predict`` returns.  ``device`` ('auto', 'cpu'
+    or 'cuda') is passed to the ops.  Raises ValueError/TypeError naming the layer and
+    its class for anything outside the supported chain (see the module docstring)."""
+    keras = _keras()
+    if not isinstance(keras_model, keras.Model):
+        raise TypeError(f"from_keras: `keras_model` must be a keras.Model, got "
+                        f"{type(keras_model).__name__}")
+    _validate.check_device("from_keras", device)
+    calls, input_shape = _chain(keras, keras_model)
+    if not calls:
+        raise ValueError(f"from_keras: model {keras_model.name!r} has no layers")
+    layers = [_import_layer(keras, layer, first=i == 0, last=i == len(calls) - 1)
+              for i, layer in enumerate(calls)]
+    return Model(layers, input_shape, device=device, name=keras_model.name)
+
+
+def _keras():
+    try:
+        import keras
+    except ImportError as exc:
+        raise ImportError("fastseq.from_keras needs Keras 3 (pip install 'fastseq[keras]')"
+                          ) from exc
+    if not keras.__version__.startswith("3."):
+        raise ImportError(f"fastseq.from_keras needs Keras 3, found {keras.__version__}")
+    return keras
+
+
+def _describe(layer):
+    return f"layer {layer.name!r} ({type(layer).__name__})"
+
+
+def _chain(keras, model):
+    """The layers ``model`` calls, in order, nested models flattened, and the input shape.
+    Walks the graph back from the output, so any branching is caught at the layer that
+    takes several inputs."""
+    from keras.src.backend import get_keras_mask
+    from keras.src.models.functional import Functional
+
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise TypeError(f"from_keras: model {model.name!r} ({type(model).__name__}) is a "
+                        f"subclassed model; only Sequential and functional models can be "
+                        f"imported")
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if not inputs or not outputs:
+        raise ValueError(f"from_keras: model {model.name!r} is not built; start it with "
+                         f"keras.Input(...) or call model.build(input_shape)")
+    if len(inputs) != 1:
+        raise ValueError(f"from_keras: model {model.name!r} has {len(inputs)} inputs; "
+                         f"only single-input chains are supported")
+    hist = [t._keras_history for t in outputs]
+    if any((h.operation, h.node_index, h.tensor_index) != (hist[0].operation,
+                                                           hist[0].node_index, i)
+           for i, h in enumerate(hist)):
+        names = ", ".join(sorted({_describe(h.operation) for h in hist}))
+        raise ValueError(f"from_keras: model {model.name!r} has {len(outputs)} outputs "
+                         f"({names}); only a single chain of layers is supported")
+    calls = []
+    tensor = outputs[0]
+    while True:
+        op, node_index, tensor_index = tensor._keras_history
+        if isinstance(op, keras.layers.InputLayer):
+            break
+        if tensor_index != 0:
+            raise ValueError(f"from_keras: the model uses output {tensor_index} of "
+                             f"{_describe(op)}; only a chain of single-output layers is "
+                             f"supported")
+        args = op._inbound_nodes[node_index].arguments
+        # Keras passes the input's own mask as the `mask` keyword; any other tensor
+        # argument (a second input, an initial state, a mask of its own) is not a chain.
+        tensor = args.args[0] if args.args else None
+        passed_mask = isinstance(tensor, keras.KerasTensor) and \
+            args.kwargs.get("mask") is not None and \
+            args.kwargs["mask"] is get_keras_mask(tensor)
+        if not isinstance(tensor, keras.KerasTensor) or \
+                len(args.keras_tensors) != 1 + passed_mask:
+            raise ValueError(f"from_keras: {_describe(op)} takes "
+                             f"{len(args.keras_tensors)} input tensors; only a chain of "
+                             f"single-input layers is supported")
+        if args.kwargs.get("training"):
+            raise ValueError(f"from_keras: {_describe(op)} is called with training=True")
+        calls.append(op)
+    flat = []
+    for op in reversed(calls):
+        flat.extend(_chain(keras, op)[0] if isinstance(op, keras.Model) else [op])
+    return flat, tuple(inputs[0].shape)
+
+
+def _dtype(layer):
+    return np.float64 if layer.compute_dtype == "float64" else np.float32
+
+
+def _array(keras, value, dtype):
+    return np.array(keras.ops.convert_to_numpy(value), dtype=dtype)  # always a copy
+
+
+def _activation(layer, key, choices):
+    name = layer.get_config()[key]
+    name = "linear" if name is None else name
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"from_keras: {_describe(layer)} has {key}={name!r}; supported: "
+                         f"{sorted(choices)}")
+    return name
+
+
+def _check_not_quantized(layer):
+    if getattr(layer, "quantization_mode", None) is not None:
+        raise ValueError(f"from_keras: {_describe(layer)} is quantized "
+                         f"({layer.quantization_mode}); only float weights are supported")
+
+
+def _import_lstm(keras, layer):
+    if layer.stateful:
+        raise ValueError(f"from_keras: {_describe(layer)} is stateful; not supported")
+    if layer.return_state:
+        raise ValueError(f"from_keras: {_describe(layer)} has return_state=True; not "
+                         f"supported inside a chain")
+    dt = _dtype(layer)
+    cell = layer.cell
+    return LSTM(layer.name, "LSTM", dt, _array(keras, cell.kernel, dt),
+                _array(keras, cell.recurrent_kernel, dt),
+                _array(keras, cell.bias, dt) if cell.use_bias else None,
+                return_sequences=layer.return_sequences, go_backwards=layer.go_backwards,
+                zero_output_for_mask=layer.zero_output_for_mask,
+                activation=_activation(layer, "activation", LSTM_ACTIVATIONS),
+                recurrent_activation=_activation(layer, "recurrent_activation",
+                                                 LSTM_ACTIVATIONS))
+
+
+def _import_dense(keras, layer, dense_layer, keras_class):
+    _check_not_quantized(dense_layer)
+    dt = _dtype(layer)
+    return Dense(layer.name, keras_class, dt, _array(keras, dense_layer.kernel, dt),
+                 _array(keras, dense_layer.bias, dt) if dense_layer.use_bias else None,
+                 _activation(dense_layer, "activation",
+                             set(DENSE_ACTIVATIONS) | set(NUMPY_ACTIVATIONS)))
+
+
+def _import_layer(keras, layer, first, last):
+    L = keras.layers
+    kind = type(layer)
+    name, dt = layer.name, _dtype(layer)
+    if kind is L.LSTM:
+        return _import_lstm(keras, layer)
+    if kind is L.Bidirectional:
+        fwd, bwd = layer.forward_layer, layer.backward_layer
+        for inner in (fwd, bwd):
+            if type(inner) is not L.LSTM:
+                raise TypeError(f"from_keras: {_describe(layer)} wraps {_describe(inner)}; "
+                                f"only Bidirectional(LSTM) is supported")
+        if layer.merge_mode is None and not last:
+            raise ValueError(f"from_keras: {_describe(layer)} has merge_mode=None (two "
+                             f"outputs); supported only as the last layer")
+        return Bidirectional(name, "Bidirectional(LSTM)", dt, _import_lstm(keras, fwd),
+                             _import_lstm(keras, bwd), layer.merge_mode)
+    if kind is L.Dense:
+        return _import_dense(keras, layer, layer, "Dense")
+    if kind is L.TimeDistributed:
+        if type(layer.layer) is not L.Dense:
+            raise TypeError(f"from_keras: {_describe(layer)} wraps "
+                            f"{_describe(layer.layer)}; only TimeDistributed(Dense) is "
+                            f"supported")
+        return _import_dense(keras, layer, layer.layer, "TimeDistributed(Dense)")
+    if kind is L.Embedding:
+        if not first:
+            raise ValueError(f"from_keras: {_describe(layer)} is supported only as the "
+                             f"first layer of the model")
+        _check_not_quantized(layer)
+        return Embedding(name, "Embedding", dt, _array(keras, layer.embeddings, dt),
+                         layer.mask_zero)
+    if kind is L.Masking:
+        return Masking(name, "Masking", dt, layer.mask_value)
+    if kind in (L.Dropout, L.SpatialDropout1D, L.GaussianNoise, L.GaussianDropout,
+                L.AlphaDropout, L.Identity):
+        return Identity(name, kind.__name__, dt)
+    if kind is L.Activation:
+        return Activation(name, "Activation", dt,
+                          _activation(layer, "activation", NUMPY_ACTIVATIONS))
+    if kind is L.Softmax:
+        return Softmax(name, "Softmax", dt, layer.axis)
+    raise TypeError(
+        f"from_keras: {_describe(layer)} is not supported; supported layers: InputLayer, "
+        f"Embedding, Masking, LSTM, Bidirectional(LSTM), Dense, TimeDistributed(Dense), "
+        f"Dropout, SpatialDropout1D, GaussianNoise, GaussianDropout, AlphaDropout, "
+        f"Identity, Activation, Softmax")
