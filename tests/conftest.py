@@ -1,0 +1,61 @@
+"""Shared pytest helpers for the fastseq tests."""
+import os
+
+# Quiet TensorFlow before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+
+def check_close(actual, expected, atol, rtol, what="result"):
+    """Assert ``actual`` matches ``expected`` within atol + rtol * |expected|.
+
+    Unlike a bare ``np.allclose`` this fails on a shape mismatch, on NaN/inf in one array
+    but not the other (same non-finite value at the same place is accepted), and reports
+    the max absolute / relative error, where it happens and how many elements fail.
+    """
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {actual.shape} != expected {expected.shape}"
+    )
+    a = actual.astype(np.float64)
+    e = expected.astype(np.float64)
+    fin_a = np.isfinite(a)
+    fin_e = np.isfinite(e)
+    bad_nonfinite = (fin_a != fin_e) | (~fin_a & ~fin_e & ~(
+        (np.isnan(a) & np.isnan(e)) | (a == e)))
+    if bad_nonfinite.any():
+        idx = tuple(int(i) for i in np.argwhere(bad_nonfinite)[0])
+        raise AssertionError(
+            f"{what}: {int(bad_nonfinite.sum())} non-finite mismatches; first at {idx}: "
+            f"actual={a[idx]!r} expected={e[idx]!r}"
+        )
+    both = fin_a & fin_e
+    if not both.any():
+        return
+    err = np.where(both, np.abs(a - e), 0.0)
+    lim = atol + rtol * np.abs(np.where(both, e, 0.0))
+    fail = err > lim
+    if fail.any():
+        imax = np.unravel_index(int(np.argmax(err)), err.shape)
+        rel = err / np.maximum(np.abs(np.where(both, e, 0.0)), np.finfo(np.float64).tiny)
+        raise AssertionError(
+            f"{what}: {int(fail.sum())}/{fail.size} elements outside atol={atol:g}, "
+            f"rtol={rtol:g}; max abs err {err.max():.3e} at {tuple(int(i) for i in imax)} "
+            f"(actual={a[imax]!r}, expected={e[imax]!r}); max rel err "
+            f"{rel[both].max():.3e}"
+        )
+
+
+@pytest.fixture
+def assert_close():
+    """The verbose comparison helper, as a fixture: ``assert_close(a, e, atol, rtol)``."""
+    return check_close
+
+
+@pytest.fixture
+def rng():
+    """A fresh, seeded generator per test (deterministic, independent of test order)."""
+    return np.random.default_rng(1234)
