@@ -48,7 +48,8 @@ def check_shape(fn, name, shape, expected, meaning):
     ok = len(shape) == len(expected) and all(
         e is None or e == s for e, s in zip(expected, shape))
     if not ok:
-        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + (
+            ",)" if len(expected) == 1 else ")")
         raise ValueError(
             f"{fn}: `{name}` must have shape {meaning} = {want}, got {shape}")
 

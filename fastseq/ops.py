@@ -24,7 +24,9 @@ def _x_dtype(fn, x):
         raise TypeError(f"{fn}: `x` must be an array, got None")
     if v.is_device_array(x) or hasattr(x, "dtype"):
         return v.compute_dtype(v.dtype_of(x, fn, "x"))
-    return v.compute_dtype(v.as_host(x, fn, "x", None).dtype)
+    # nested lists and the like: numeric content is checked, the default dtype applies
+    v.as_host(x, fn, "x", None)
+    return v.compute_dtype(np.float32)
 
 
 def lstm(x, kernel, recurrent_kernel, bias=None, *, initial_state=None, mask=None,

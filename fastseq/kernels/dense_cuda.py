@@ -111,7 +111,7 @@ def dense_kernels(np_dtype, rows_per_block=16, k_tile=64):
             return True
         return v == bv and i < bi
 
-    @cuda.jit(device=True)
+    @cuda.jit(device=True, inline="always")
     def row_tile(x, W, row0, nr, kc, xs, acc):
         # acc[r] = sum_d x[row0 + r, d] * W[d, kc + tid] for r < RB (rows >= nr are
         # zero-padded); every thread of the block must call this (barriers inside).
@@ -175,7 +175,7 @@ def dense_kernels(np_dtype, rows_per_block=16, k_tile=64):
                     else:
                         y[row0 + r, k] = elementwise(act, z)
         if soft:
-            for r in range(nr):
+            for r in range(RB):              # every row (padding rows are harmless)
                 red[tid] = mx[r]
                 red[nthr + tid] = sx[r]
                 cuda.syncthreads()
@@ -199,7 +199,7 @@ def dense_kernels(np_dtype, rows_per_block=16, k_tile=64):
             for kc in range(0, K, nthr):
                 k = kc + tid
                 if k < K:
-                    for r in range(nr):
+                    for r in range(nr):      # no register arrays here
                         m = red[2 * nthr + r]
                         ssum = red[2 * nthr + RB + r]
                         z = y[row0 + r, k]
@@ -238,7 +238,7 @@ def dense_kernels(np_dtype, rows_per_block=16, k_tile=64):
                     if better(z, k, bv[r], bi[r]):
                         bv[r] = z
                         bi[r] = k
-        for r in range(nr):
+        for r in range(RB):
             red[tid] = bv[r]
             red[nthr + tid] = bi[r]
             cuda.syncthreads()
@@ -252,7 +252,7 @@ def dense_kernels(np_dtype, rows_per_block=16, k_tile=64):
                         red[nthr + tid] = i2
                 cuda.syncthreads()
                 w //= 2
-            if tid == 0:
+            if tid == 0 and r < nr:
                 idx[row0 + r] = int(red[nthr])
             cuda.syncthreads()
 

@@ -11,7 +11,7 @@ output (zeros before the first unmasked step of a row), or zero with
 so "previous output" is ``h`` when ``seen`` and zero otherwise.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
 from .activations import apply_act, ACT_TANH, ACT_SIGMOID
