@@ -30,7 +30,7 @@ import numpy as np
 from scipy import special
 
 from . import _validate
-from .ops import DENSE_ACTIVATIONS, LSTM_ACTIVATIONS, dense, lstm
+from .ops import DENSE_ACTIVATIONS, LSTM_ACTIVATIONS, dense, lstm, lstm_dense
 
 __all__ = ["from_keras", "Model"]
 
@@ -137,6 +137,22 @@ class LSTM(Layer):
                  activation=self.activation,
                  recurrent_activation=self.recurrent_activation, device=device)
         return y, (mask if self.return_sequences else None)
+
+    def forward_dense(self, x, mask, dense_layer, device="auto"):
+        """This layer (with return_sequences) followed by ``dense_layer`` in one pass
+        (``fastseq.ops.lstm_dense``); the mask passes through both."""
+        y = lstm_dense(self._cast(x), self.kernel, self.recurrent_kernel, self.bias,
+                       dense_layer.kernel, dense_layer.bias, dense_layer.activation,
+                       mask=mask, go_backwards=self.go_backwards,
+                       zero_output_for_mask=self.zero_output_for_mask,
+                       activation=self.activation,
+                       recurrent_activation=self.recurrent_activation, device=device)
+        return y, mask
+
+    def fuses_with(self, layer):
+        """True when ``forward_dense`` can run this layer and the Dense ``layer``."""
+        return (self.return_sequences and type(layer) is Dense
+                and layer.activation in DENSE_ACTIVATIONS and layer.dtype == self.dtype)
 
 
 class Bidirectional(Layer):
@@ -287,8 +303,18 @@ class Model:
 
     def _forward(self, x):
         mask = None
-        for layer in self.layers:
+        layers = self.layers
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            if type(layer) is LSTM and layer.fuses_with(nxt):
+                # LSTM -> Dense tagger head: one pass, no [B, T, H] intermediate
+                x, mask = layer.forward_dense(x, mask, nxt, self.device)
+                i += 2
+                continue
             x, mask = layer.forward(x, mask, self.device)
+            i += 1
         return x
 
     def _check_input(self, x):

@@ -41,7 +41,54 @@ def lstm(x, kernel, recurrent_kernel, bias=None, *, initial_state=None, mask=Non
     [B, T, H] with ``return_sequences`` (in processing order, i.e. reversed with
     ``go_backwards``); with ``return_state``, the list ``[output, h, c]``.
     """
-    fn = "lstm"
+    a = _lstm_args("lstm", x, kernel, recurrent_kernel, bias, initial_state, mask,
+                   return_sequences, go_backwards, zero_output_for_mask, activation,
+                   recurrent_activation, device)
+    if a["device"] == "cuda":
+        from . import _cuda
+        out, h, c = _cuda.lstm_cuda(*a["arrays"], **a["flags"])
+    else:
+        from . import _cpu
+        out, h, c = _cpu.lstm_forward(*a["arrays"], **a["flags"])
+    if return_state:
+        return [out, h, c]
+    return out
+
+
+def lstm_dense(x, kernel, recurrent_kernel, bias, dense_kernel, dense_bias,
+               dense_activation, *, mask=None, go_backwards=False,
+               zero_output_for_mask=False, activation="tanh",
+               recurrent_activation="sigmoid", device="auto"):
+    """``dense(lstm(x, ..., return_sequences=True), dense_kernel, dense_bias,
+    dense_activation)`` in one pass: on the CPU the Dense runs on each chunk of time
+    steps as the recurrence produces it, so the [B, T, H] sequence is never stored.
+    Used by ``Model`` for LSTM -> Dense taggers."""
+    a = _lstm_args("lstm_dense", x, kernel, recurrent_kernel, bias, None, mask, True,
+                   go_backwards, zero_output_for_mask, activation, recurrent_activation,
+                   device)
+    if a["device"] == "cuda":
+        from . import _cuda
+        y = _cuda.lstm_cuda(*a["arrays"], **a["flags"])[0]
+        return dense(y, dense_kernel, dense_bias, dense_activation, device="cuda")
+    fn = "lstm_dense"
+    dtype = a["dtype"]
+    H = a["H"]
+    act = _dense_activation(fn, dense_activation, "dense_activation")
+    Wd = v.as_host(dense_kernel, fn, "dense_kernel", dtype)
+    v.check_rank(fn, "dense_kernel", Wd.shape, 2, "[H, K]")
+    v.check_shape(fn, "dense_kernel", Wd.shape, (H, None), "[H, K] (H of the LSTM)")
+    K = Wd.shape[1]
+    bd = (np.zeros(K, dtype) if dense_bias is None
+          else v.as_host(dense_bias, fn, "dense_bias", dtype))
+    v.check_shape(fn, "dense_bias", bd.shape, (K,), "[K]")
+    from . import _cpu
+    return _cpu.lstm_forward(*a["arrays"], **a["flags"], epilogue=(Wd, bd, act))[0]
+
+
+def _lstm_args(fn, x, kernel, recurrent_kernel, bias, initial_state, mask,
+               return_sequences, go_backwards, zero_output_for_mask, activation,
+               recurrent_activation, device):
+    """Check and prepare the LSTM arguments (shared by lstm and lstm_dense)."""
     dev = v.resolve_device(fn, device, x, kernel, recurrent_kernel, bias, mask)
     act = v.check_choice(fn, "activation", activation, LSTM_ACTIVATIONS)
     rec = v.check_choice(fn, "recurrent_activation", recurrent_activation,
@@ -84,18 +131,18 @@ def lstm(x, kernel, recurrent_kernel, bias=None, *, initial_state=None, mask=Non
     if mask is not None:
         m = _prep_mask(fn, mask, dev)
         v.check_shape(fn, "mask", v.shape_of(m), (B, T), "[B, T]")
-
     flags = dict(go_backwards=bool(go_backwards), return_sequences=bool(return_sequences),
                  zero_output_for_mask=bool(zero_output_for_mask), act=act, rec=rec)
-    if dev == "cuda":
-        from . import _cuda
-        out, h, c = _cuda.lstm_cuda(x, W, U, b, h0, c0, m, **flags)
-    else:
-        from . import _cpu
-        out, h, c = _cpu.lstm_forward(x, W, U, b, h0, c0, m, **flags)
-    if return_state:
-        return [out, h, c]
-    return out
+    return {"device": dev, "dtype": dtype, "H": H, "arrays": (x, W, U, b, h0, c0, m),
+            "flags": flags}
+
+
+def _dense_activation(fn, activation, name="activation"):
+    key = "linear" if activation is None else activation
+    if not isinstance(key, str) or key not in DENSE_ACTIVATIONS:
+        raise ValueError(f"{fn}: unknown `{name}` {activation!r}; expected None or "
+                         f"one of {list(DENSE_ACTIVATIONS)}")
+    return key
 
 
 def _prep_mask(fn, mask, dev):
@@ -120,10 +167,7 @@ def dense(x, kernel, bias=None, activation=None, device="auto"):
     "relu".  kernel [D, K], bias [K].  Returns [..., K]."""
     fn = "dense"
     dev = v.resolve_device(fn, device, x, kernel, bias)
-    key = "linear" if activation is None else activation
-    if not isinstance(key, str) or key not in DENSE_ACTIVATIONS:
-        raise ValueError(f"{fn}: unknown `activation` {activation!r}; expected None or "
-                         f"one of {list(DENSE_ACTIVATIONS)}")
+    key = _dense_activation(fn, activation)
     dtype = _x_dtype(fn, x)
     x = _prep(fn, "x", x, dtype, dev)
     xs = v.shape_of(x)
