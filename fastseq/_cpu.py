@@ -60,7 +60,8 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
         Wd, bd, name = epilogue
         ep = (Wd, bd, _DENSE_CODES[name])
 
-    blocks = split(B)
+    K = 0 if ep is None else ep[0].shape[1]
+    blocks = split(B, macs_per_row=T * (D * G + H * G + H * K))
 
     def run(lo, hi):
         _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output_for_mask,
@@ -143,5 +144,5 @@ def dense_forward(x2, W, b, activation):
             np.matmul(x2[r0:r1], W, out=yc)
             dense_cpu.bias_act_rows(yc, b, code)
 
-    run_blocks(run, split(N, min_rows=step))
+    run_blocks(run, split(N, macs_per_row=x2.shape[1] * K))
     return y

@@ -36,9 +36,14 @@ def get_num_threads():
     return numba.config.NUMBA_NUM_THREADS if n is None else n
 
 
-def split(n_rows, min_rows=1):
-    """Contiguous [lo, hi) row blocks, one per thread, each of at least ``min_rows``."""
-    k = max(1, min(get_num_threads(), n_rows // max(1, min_rows)))
+def split(n_rows, macs_per_row=0):
+    """Contiguous [lo, hi) row blocks, one per thread; a block gets at least
+    ``config.MIN_MACS_PER_THREAD`` multiply-adds of work (``macs_per_row`` each row)."""
+    from . import config
+    min_rows = 1
+    if macs_per_row > 0:
+        min_rows = max(1, -(-config.MIN_MACS_PER_THREAD // macs_per_row))
+    k = max(1, min(get_num_threads(), n_rows // min_rows))
     return [(i * n_rows // k, (i + 1) * n_rows // k) for i in range(k)]
 
 

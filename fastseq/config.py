@@ -38,5 +38,8 @@ CHUNK_BYTES = 1 << 20
 # Batch size from which the recurrent product h @ U of each step runs as a BLAS GEMM;
 # below it, the fused Numba step kernel is used.
 GEMM_MIN_BATCH = 16
+# Work (multiply-adds) below which a call runs on one thread: handing rows to the pool
+# and back costs tens of microseconds, more than small problems take.
+MIN_MACS_PER_THREAD = 2_000_000
 # Rows per chunk in the time-distributed Dense (GEMM + fused activation).
 DENSE_CHUNK_ROWS = 512

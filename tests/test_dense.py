@@ -23,6 +23,8 @@ ACTS = [None, "linear", "softmax", "log_softmax", "sigmoid", "tanh", "relu"]
 def rows_chunk(request, monkeypatch):
     if request.param != "default":
         monkeypatch.setattr(config, "DENSE_CHUNK_ROWS", request.param)
+        # and split the rows across threads even for tiny inputs
+        monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     return request.param
 
 

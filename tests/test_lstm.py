@@ -34,6 +34,8 @@ PATHS = {
 def cpu_path(request, monkeypatch):
     gemm_min, chunk = PATHS[request.param]
     monkeypatch.setattr(config, "GEMM_MIN_BATCH", gemm_min)
+    # split rows across threads even for tiny problems, so every path runs in blocks
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     if chunk is not None:
         monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
     return request.param

@@ -22,6 +22,8 @@ PATHS = {
 def cpu_path(request, monkeypatch):
     gemm_min, chunk = PATHS[request.param]
     monkeypatch.setattr(config, "GEMM_MIN_BATCH", gemm_min)
+    # split rows across threads even for tiny problems, so every path runs in blocks
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     if chunk is not None:
         monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
     return request.param
@@ -56,6 +58,7 @@ def test_lstm_dense_matches_reference(cpu_path, dtype, activation, go_backwards,
 def test_thread_split_gives_reference(threads, B, rng, assert_close, monkeypatch):
     """Rows are split into one block per thread (uneven blocks for odd B)."""
     monkeypatch.setattr(config, "GEMM_MIN_BATCH", 2)   # blocks of >= 2 rows take GEMM
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)  # split even tiny problems
     old = fastseq.get_num_threads()
     fastseq.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
