@@ -4,8 +4,17 @@ import numpy as np
 
 
 def is_device_array(a):
-    """True for CuPy / Numba device arrays (anything with ``__cuda_array_interface__``)."""
-    return hasattr(a, "__cuda_array_interface__")
+    """True for CuPy / Numba device arrays (anything with ``__cuda_array_interface__``,
+    and the CUDA simulator's arrays).  Imports no CUDA module."""
+    from ._cuda import is_device_array as _is_dev
+    return _is_dev(a)
+
+
+def device_dtype(a):
+    """dtype of a device array, from ``.dtype`` or the CUDA array interface."""
+    if hasattr(a, "dtype"):
+        return np.dtype(a.dtype)
+    return np.dtype(a.__cuda_array_interface__["typestr"])
 
 
 def shape_of(a):
@@ -15,7 +24,7 @@ def shape_of(a):
 def dtype_of(a, fn, name):
     """The NumPy dtype of ``a`` (host or device array), checked to be real numeric."""
     if is_device_array(a):
-        dt = np.dtype(a.__cuda_array_interface__["typestr"])
+        dt = device_dtype(a)
     else:
         dt = np.asarray(a).dtype if not hasattr(a, "dtype") else np.dtype(a.dtype)
     if dt.kind not in "biuf":

@@ -147,7 +147,7 @@ def _dense_activation(fn, activation, name="activation"):
 
 def _prep_mask(fn, mask, dev):
     if dev == "cuda" and v.is_device_array(mask):
-        dt = np.dtype(mask.__cuda_array_interface__["typestr"])
+        dt = v.device_dtype(mask)
         if dt.kind not in "biu":
             raise TypeError(f"{fn}: `mask` must be bool (or integer 0/1), got dtype {dt}")
         return mask

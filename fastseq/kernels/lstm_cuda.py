@@ -20,9 +20,12 @@ one per (unit ``u``, group of ``RBB`` batch rows).  ``KS`` threads (a power of t
 cooperate on one item, each summing every ``KS``-th term of the four length-H dot
 products ``h[b, :] . U[:, g*H + j]`` for its ``RBB`` rows (so each weight loaded from
 shared memory is used ``RBB`` times), followed by a shared-memory tree reduction over
-the ``KS`` partial sums.  Items are processed in rounds of ``blockDim.x // KS`` so every
-thread of the block runs the same number of rounds (barriers stay uniform).  The thread
-with ``part == 0`` then applies the gates, masking and output rules for its item.
+the ``KS`` partial sums (``RBB`` is 1 or 4, a compile-time constant; the inner loop keeps
+its ``4*RBB`` sums in scalar registers and indexes with unsigned integers so no
+negative-index wraparound code is emitted).  Items are processed in rounds of
+``blockDim.x // KS`` so every thread of the block runs the same number of rounds
+(barriers stay uniform).  The thread with ``part == 0`` then applies the gates, masking
+and output rules for its item.
 
 Shared memory of the persistent kernel (dynamic, one array): ``Us`` = ``4*HB`` rows of
 ``Hp`` values (row ``g*HB + u`` = recurrent weights of gate ``g`` into unit ``j0+u``;
@@ -153,6 +156,8 @@ def lstm_kernels(np_dtype, rbb):
     ty = np.dtype(np_dtype).type
     ZERO = ty(0.0)
     RBB = int(rbb)
+    if RBB not in RBB_CHOICES:
+        raise ValueError(f"rbb must be one of {RBB_CHOICES}, got {rbb}")
     act_fn = make_act(np_dtype)
 
     @cuda.jit(device=True)
@@ -189,18 +194,97 @@ def lstm_kernels(np_dtype, rbb):
                 r1 = (gstride + uoff + u) * ldu
                 r2 = (2 * gstride + uoff + u) * ldu
                 r3 = (3 * gstride + uoff + u) * ldu
-                for k in range(part, H, KS):
-                    w0 = Uc[r0 + k]
-                    w1 = Uc[r1 + k]
-                    w2 = Uc[r2 + k]
-                    w3 = Uc[r3 + k]
-                    for r in range(RBB):
-                        bb = min(bb0 + r, b1 - 1)   # tail rows recompute row b1-1
-                        hk = hin[bb, k]
-                        acc[0, r] += hk * w0
-                        acc[1, r] += hk * w1
-                        acc[2, r] += hk * w2
-                        acc[3, r] += hk * w3
+                # hot loop: row views hoisted, unsigned indices (no negative-index
+                # wraparound code), scalar accumulators (registers)
+                w0 = Uc[r0:r0 + H]
+                w1 = Uc[r1:r1 + H]
+                w2 = Uc[r2:r2 + H]
+                w3 = Uc[r3:r3 + H]
+                Hu = np.uint64(H)
+                ksu = np.uint64(KS)
+                k = np.uint64(part)
+                if RBB == 1:
+                    hr = hin[bb0]
+                    a0 = ZERO
+                    a1 = ZERO
+                    a2 = ZERO
+                    a3 = ZERO
+                    while k < Hu:
+                        hk = hr[k]
+                        a0 += hk * w0[k]
+                        a1 += hk * w1[k]
+                        a2 += hk * w2[k]
+                        a3 += hk * w3[k]
+                        k += ksu
+                    acc[0, 0] = a0
+                    acc[1, 0] = a1
+                    acc[2, 0] = a2
+                    acc[3, 0] = a3
+                else:
+                    # RBB == 4; rows past the batch end recompute row b1-1 (discarded)
+                    last = b1 - 1
+                    h0r = hin[min(bb0, last)]
+                    h1r = hin[min(bb0 + 1, last)]
+                    h2r = hin[min(bb0 + 2, last)]
+                    h3r = hin[min(bb0 + 3, last)]
+                    a00 = ZERO
+                    a01 = ZERO
+                    a02 = ZERO
+                    a03 = ZERO
+                    a10 = ZERO
+                    a11 = ZERO
+                    a12 = ZERO
+                    a13 = ZERO
+                    a20 = ZERO
+                    a21 = ZERO
+                    a22 = ZERO
+                    a23 = ZERO
+                    a30 = ZERO
+                    a31 = ZERO
+                    a32 = ZERO
+                    a33 = ZERO
+                    while k < Hu:
+                        x0 = w0[k]
+                        x1 = w1[k]
+                        x2 = w2[k]
+                        x3 = w3[k]
+                        hk = h0r[k]
+                        a00 += hk * x0
+                        a10 += hk * x1
+                        a20 += hk * x2
+                        a30 += hk * x3
+                        hk = h1r[k]
+                        a01 += hk * x0
+                        a11 += hk * x1
+                        a21 += hk * x2
+                        a31 += hk * x3
+                        hk = h2r[k]
+                        a02 += hk * x0
+                        a12 += hk * x1
+                        a22 += hk * x2
+                        a32 += hk * x3
+                        hk = h3r[k]
+                        a03 += hk * x0
+                        a13 += hk * x1
+                        a23 += hk * x2
+                        a33 += hk * x3
+                        k += ksu
+                    acc[0, 0] = a00
+                    acc[0, 1] = a01
+                    acc[0, 2] = a02
+                    acc[0, 3] = a03
+                    acc[1, 0] = a10
+                    acc[1, 1] = a11
+                    acc[1, 2] = a12
+                    acc[1, 3] = a13
+                    acc[2, 0] = a20
+                    acc[2, 1] = a21
+                    acc[2, 2] = a22
+                    acc[2, 3] = a23
+                    acc[3, 0] = a30
+                    acc[3, 1] = a31
+                    acc[3, 2] = a32
+                    acc[3, 3] = a33
             if KS > 1:
                 for g in range(4):
                     for r in range(RBB):

@@ -1,0 +1,726 @@
+"""CUDA backend: host-side glue for the Numba CUDA kernels in ``fastseq.kernels``.
+
+Entry points (inputs already validated by ``fastseq.ops``):
+
+* ``is_available()`` / ``unavailable_reason()``
+* ``lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards, return_sequences,
+  zero_output_for_mask, act, rec, *, weights=None) -> (out, hT, cT)``
+* ``dense_cuda(x, W, b, activation, *, weights=None) -> y``
+* ``argmax_dense_cuda(x, W, b, activation, *, weights=None) -> idx``
+* ``upload_lstm_weights(W, U, b)`` / ``upload_dense_weights(W, b)``: explicit one-time
+  upload, pass the result as ``weights=``.
+
+Arrays may be NumPy (copied to the GPU, results copied back) or device arrays (CuPy,
+Numba, anything with ``__cuda_array_interface__``): then the results stay on the device
+(CuPy in -> CuPy out, otherwise Numba device arrays) with no host round trip.
+Weights given as read-only NumPy arrays (``a.flags.writeable == False``, and read-only
+bases) are uploaded once and cached, keyed by the identity of the array, for as long as
+it lives; writeable arrays are uploaded on every call (they could change in place).
+
+Importing this module does not import ``numba.cuda``; every function imports it lazily,
+so ``import fastseq`` never needs CUDA.  Without a GPU/driver (and without the Numba
+CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``) the entry points raise ``RuntimeError``
+saying why.
+
+The tunables below are read at call time, so tests may patch them (e.g. tiny blocks to
+force several blocks and ragged tails).
+"""
+import collections
+import weakref
+
+import numpy as np
+
+# --- tunables (read at call time) --------------------------------------------------------
+# Threads per block of the LSTM kernels (rounded down to a power of two).
+THREADS_PER_BLOCK = 256
+# Hidden units per block; None = automatic (persistent: smallest slice whose grid can be
+# co-resident, starting from H / (SMs * PERSISTENT_BLOCKS_PER_SM); per-step: 8).
+HIDDEN_PER_BLOCK = None
+# Batch rows per block of the per-step fallback; None = THREADS_PER_BLOCK*RBB/HB.
+BATCH_PER_BLOCK = None
+# Batch rows per thread (register tile, 1 or 4); None = 4 when B >= RBB_MIN_BATCH else 1.
+BATCH_REGISTER_TILE = None
+RBB_MIN_BATCH = 16
+# Target blocks per SM for the automatic persistent slice size.
+PERSISTENT_BLOCKS_PER_SM = 1
+# "auto" (persistent when it fits, else per-step), "persistent" (error if it cannot run),
+# "stepwise".
+LSTM_MODE = "auto"
+# Cap on dynamic shared memory per block in bytes; None = the device's opt-in maximum.
+MAX_SHARED_BYTES = None
+# Fused Dense: threads per block (power of two), rows per block, staged D slice.
+DENSE_THREADS_PER_BLOCK = 256
+DENSE_ROWS_PER_BLOCK = 16
+DENSE_K_TILE = 64
+# Tiled GEMM (input projection when CuPy is missing): C tile and thread tile.
+GEMM_TILE = 64
+GEMM_THREADS = 16
+# Use CuPy's matmul (cuBLAS, FP32 compute) for the input projection when importable.
+USE_CUPY = True
+
+# --- instrumentation ---------------------------------------------------------------------
+# Kernel launches by name ("lstm_persistent", "lstm_step", "gemm", "cupy_gemm", "dense",
+# "dense_argmax", "transpose"); host->device uploads by kind ("x", "weights", ...).
+LAUNCHES = collections.Counter()
+UPLOADS = collections.Counter()
+# (path, reason) of the last lstm_cuda call: path "persistent" or "stepwise".
+last_lstm_path = None
+
+_JIT = {}
+_WCACHE = {}
+_PLAN_CACHE = {}
+_SMEM_SET = {}
+
+_GEMM_MAX_GRID_Y = 65535
+
+
+# --- availability ------------------------------------------------------------------------
+def _import_cuda():
+    try:
+        from numba import cuda
+    except Exception as exc:  # numba-cuda missing or broken
+        raise RuntimeError(
+            "device='cuda' needs the numba-cuda package (pip install 'numba-cuda[cu13]'); "
+            f"importing numba.cuda failed: {exc}") from None
+    return cuda
+
+
+def is_simulator():
+    """True when Numba's CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1)."""
+    try:
+        from numba.cuda.core import config
+        return bool(config.ENABLE_CUDASIM)
+    except Exception:
+        try:
+            from numba.core import config
+            return bool(getattr(config, "ENABLE_CUDASIM", 0))
+        except Exception:
+            return False
+
+
+def unavailable_reason():
+    """None when CUDA can be used, else a one-line explanation."""
+    try:
+        from numba import cuda
+    except Exception as exc:
+        return f"numba-cuda is not installed or failed to import ({exc})"
+    try:
+        if cuda.is_available():
+            return None
+    except Exception:
+        pass
+    try:
+        cuda.current_context()
+        msg = "no CUDA GPU was found"
+    except Exception as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+    return f"no usable CUDA GPU/driver: {msg}"
+
+
+def is_available():
+    """True when kernels can run: a CUDA GPU with a driver (or the simulator)."""
+    try:
+        return unavailable_reason() is None
+    except Exception:
+        return False
+
+
+def _require():
+    cuda = _import_cuda()
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"device='cuda' is not usable here: {reason}. Use device='cpu' "
+                           "(or device='auto' with NumPy inputs).")
+    return cuda
+
+
+# --- arrays ------------------------------------------------------------------------------
+def is_device_array(a):
+    """True for CuPy / Numba device arrays and anything with ``__cuda_array_interface__``
+    (also the simulator's device arrays).  Never imports numba.cuda."""
+    if a is None:
+        return False
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    return type(a).__name__ == "FakeCUDAArray"
+
+
+def _is_cupy(a):
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def _is_numba_dev(a):
+    return hasattr(a, "copy_to_host") and hasattr(a, "is_c_contiguous")
+
+
+def _dtype_of(a):
+    if hasattr(a, "__cuda_array_interface__"):
+        return np.dtype(a.__cuda_array_interface__["typestr"])
+    return np.dtype(a.dtype)
+
+
+def _compute_dtype(x):
+    return np.dtype(np.float64) if _dtype_of(x) == np.float64 else np.dtype(np.float32)
+
+
+def _to_dev(cuda, a, dt, what):
+    """Contiguous Numba device array of dtype ``dt`` holding ``a``."""
+    if is_device_array(a):
+        if _is_cupy(a):
+            import cupy
+            a = cupy.ascontiguousarray(a, dtype=dt)
+            return cuda.as_cuda_array(a)
+        d = a if _is_numba_dev(a) else cuda.as_cuda_array(a)
+        if d.dtype == dt and d.is_c_contiguous():
+            return d
+        # Rare: a non-contiguous / other-dtype Numba device array; convert via the host.
+        UPLOADS["convert"] += 1
+        return cuda.to_device(np.ascontiguousarray(d.copy_to_host(), dtype=dt))
+    UPLOADS[what] += 1
+    return cuda.to_device(np.ascontiguousarray(a, dtype=dt))
+
+
+def _zeros(cuda, shape, dt):
+    return cuda.to_device(np.zeros(shape, dt))
+
+
+def _out_kind(x):
+    if not is_device_array(x):
+        return "host"
+    return "cupy" if _is_cupy(x) else "device"
+
+
+def _finish(a, kind):
+    if kind == "host":
+        return a.copy_to_host()
+    if kind == "cupy":
+        import cupy
+        return cupy.asarray(a)
+    return a
+
+
+def _pow2floor(n):
+    n = max(1, int(n))
+    return 1 << (n.bit_length() - 1)
+
+
+def _pow2ceil(n):
+    n = max(1, int(n))
+    return 1 << (n - 1).bit_length()
+
+
+# --- kernels -----------------------------------------------------------------------------
+def _jit(cuda, key, pyfunc, argtypes):
+    k = _JIT.get(key)
+    if k is None:
+        from numba import types as nbt
+        k = cuda.jit(nbt.void(*argtypes))(pyfunc)
+        _JIT[key] = k
+    return k
+
+
+def _lstm_kernel(cuda, name, dt, rbb):
+    from .kernels import lstm_cuda
+    ks = lstm_cuda.lstm_kernels(dt, rbb)
+    fn = {"persistent": ks.persistent, "step": ks.step, "transpose": ks.transpose}[name]
+    sig = ks.signatures[name]
+    return _jit(cuda, ("lstm", name, dt.str, rbb), fn, sig), sig
+
+
+def _overload(kernel, sig):
+    try:
+        return kernel.overloads[tuple(sig)]
+    except KeyError:
+        return next(iter(kernel.overloads.values()))
+
+
+def _smem_limit(cuda):
+    if MAX_SHARED_BYTES is not None:
+        return int(MAX_SHARED_BYTES)
+    try:
+        return int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    except Exception:
+        return 48 * 1024
+
+
+def _enable_smem(cuda, kernel, sig, nbytes):
+    """Allow ``nbytes`` of dynamic shared memory (> 48 KiB needs an opt-in per kernel)."""
+    if nbytes <= 48 * 1024 or is_simulator():
+        return
+    key = id(kernel)
+    if _SMEM_SET.get(key, 0) >= nbytes:
+        return
+    from numba.cuda.cudadrv.driver import binding, driver
+    cufunc = _overload(kernel, sig)._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, int(nbytes), cufunc.handle, cufunc.device.id)
+    _SMEM_SET[key] = nbytes
+
+
+def _coop_blocks(kernel, sig, tpb, smem):
+    ov = _overload(kernel, sig)
+    try:
+        return int(ov.max_cooperative_grid_blocks(tpb, smem))
+    except TypeError:  # the simulator's version takes no shared-memory size
+        return int(ov.max_cooperative_grid_blocks(tpb))
+
+
+def _choose_ks(nthr, nitems, H):
+    """Threads per item: a power of two, as many as the block has to spare, <= H."""
+    ks = 1
+    while ks * 2 <= nthr and ks * 2 * nitems <= nthr and ks * 2 <= H:
+        ks *= 2
+    return ks
+
+
+def _pad_rows(H, ks):
+    """Row stride of the shared weight slice: rows of the items sharing a warp start in
+    different banks (stride = KS mod 32)."""
+    if ks >= 32:
+        return H
+    return H + ((ks - H) % 32)
+
+
+def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb, rbb):
+    """(HB, KS, Hp, smem_bytes, nblocks) for the persistent kernel, or (None, reason)."""
+    key = (B, H, itemsize, tpb, rbb, HIDDEN_PER_BLOCK, PERSISTENT_BLOCKS_PER_SM,
+           MAX_SHARED_BYTES, id(kernel))
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None:
+        return hit
+    limit = _smem_limit(cuda)
+    if HIDDEN_PER_BLOCK is not None:
+        start = stop = max(1, min(int(HIDDEN_PER_BLOCK), H))
+    else:
+        try:
+            sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+        except Exception:
+            sms = 1
+        start = max(1, -(-H // max(1, sms * int(PERSISTENT_BLOCKS_PER_SM))))
+        stop = H
+    ngrp = -(-B // rbb)
+    result = None
+    for hb in range(start, stop + 1):
+        nblk = -(-H // hb)
+        ks = _choose_ks(tpb, ngrp * hb, H)
+        hp = _pad_rows(H, ks)
+        smem = itemsize * (4 * hb * hp + (4 * rbb * tpb if ks > 1 else 0))
+        if smem > limit:
+            result = (None, f"the recurrent weight slice for {hb} hidden units needs "
+                            f"{smem} bytes of shared memory, more than the {limit} "
+                            "available per block")
+            break
+        try:
+            _enable_smem(cuda, kernel, sig, smem)
+            maxb = _coop_blocks(kernel, sig, tpb, smem)
+        except Exception as exc:  # driver refused the attribute / occupancy query
+            result = (None, f"occupancy query failed for {smem} bytes of shared memory "
+                            f"({type(exc).__name__}: {exc})")
+            break
+        if nblk <= maxb:
+            result = (hb, ks, hp, smem, nblk)
+            break
+        result = (None, f"a cooperative grid of {nblk} blocks ({hb} hidden units each, "
+                        f"{smem} bytes of shared memory) cannot be co-resident "
+                        f"(at most {maxb})")
+    if result is None:
+        result = (None, "no hidden-unit slice fits")
+    _PLAN_CACHE[key] = result
+    return result
+
+
+def _matmul(cuda, A, Bm, C):
+    """C = A @ Bm for contiguous 2-D device arrays (CuPy/cuBLAS when available)."""
+    M, K = A.shape
+    N = Bm.shape[1]
+    if M == 0 or N == 0:
+        return
+    if USE_CUPY and not is_simulator():
+        try:
+            import cupy
+        except Exception:
+            cupy = None
+        if cupy is not None:
+            cupy.matmul(cupy.asarray(A), cupy.asarray(Bm), out=cupy.asarray(C))
+            LAUNCHES["cupy_gemm"] += 1
+            return
+    from .kernels import gemm_cuda
+    dt = np.dtype(A.dtype)
+    tile, thr = int(GEMM_TILE), int(GEMM_THREADS)
+    fn = gemm_cuda.gemm_kernel(dt, tile, thr)
+    k = _jit(cuda, ("gemm", dt.str, tile, thr), fn, gemm_cuda.signature(dt))
+    rows = _GEMM_MAX_GRID_Y * tile
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        grid = (-(-N // tile), -(-(r1 - r0) // tile))
+        k[grid, (thr, thr)](A[r0:r1], Bm, C[r0:r1])
+        LAUNCHES["gemm"] += 1
+
+
+# --- weights -----------------------------------------------------------------------------
+def _immutable_host(a):
+    """A NumPy array that cannot change in place: it and all its array bases are
+    read-only."""
+    if not isinstance(a, np.ndarray):
+        return False
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return True
+
+
+def _upload_weight(cuda, a, dt, transpose):
+    if not is_device_array(a):
+        arr = np.ascontiguousarray(a, dtype=dt)
+        if transpose:
+            arr = np.ascontiguousarray(arr.T)
+        UPLOADS["weights"] += 1
+        return cuda.to_device(arr)
+    d = _to_dev(cuda, a, dt, "weights")
+    if not transpose:
+        return d
+    R, C = d.shape
+    out = cuda.device_array((C, R), dtype=dt)
+    if R * C:
+        k, _ = _lstm_kernel(cuda, "transpose", dt, 1)
+        nthr = 256
+        nblk = min(-(-(R * C) // nthr), 4096)
+        k[nblk, nthr](d, out)
+        LAUNCHES["transpose"] += 1
+    return out
+
+
+def _weight(cuda, a, dt, transpose=False):
+    """Device copy of weight ``a`` (transposed if asked); cached for immutable arrays."""
+    if not _immutable_host(a):
+        return _upload_weight(cuda, a, dt, transpose)
+    key = (id(a), dt.str, bool(transpose))
+    ent = _WCACHE.get(key)
+    if ent is not None and ent[0]() is a:
+        return ent[1]
+
+    def _drop(ref, key=key):
+        cur = _WCACHE.get(key)
+        if cur is not None and cur[0] is ref:
+            del _WCACHE[key]
+
+    d = _upload_weight(cuda, a, dt, transpose)
+    _WCACHE[key] = (weakref.ref(a, _drop), d)
+    return d
+
+
+def clear_weight_cache():
+    """Forget every cached device copy of weights."""
+    _WCACHE.clear()
+
+
+class LSTMWeights:
+    """LSTM weights on the device: W [D, 4H], Ut [4H, H] (recurrent kernel transposed),
+    b [4H]; from ``upload_lstm_weights``."""
+
+    def __init__(self, W, Ut, b, dtype):
+        self.W, self.Ut, self.b, self.dtype = W, Ut, b, np.dtype(dtype)
+        self.D = int(W.shape[0])
+        self.H = int(Ut.shape[1])
+
+
+class DenseWeights:
+    """Dense weights on the device: W [D, K], b [K]; from ``upload_dense_weights``."""
+
+    def __init__(self, W, b, dtype):
+        self.W, self.b, self.dtype = W, b, np.dtype(dtype)
+
+
+def upload_lstm_weights(W, U, b=None, dtype=np.float32):
+    """Upload LSTM weights once (kernel [D, 4H], recurrent_kernel [H, 4H], bias [4H])."""
+    cuda = _require()
+    dt = np.dtype(dtype)
+    H = int(U.shape[0])
+    bias = np.zeros(4 * H, dt) if b is None else b
+    return LSTMWeights(_weight(cuda, W, dt), _weight(cuda, U, dt, transpose=True),
+                       _weight(cuda, bias, dt), dt)
+
+
+def upload_dense_weights(W, b=None, dtype=np.float32):
+    """Upload Dense weights once (kernel [D, K], bias [K])."""
+    cuda = _require()
+    dt = np.dtype(dtype)
+    K = int(W.shape[1])
+    bias = np.zeros(K, dt) if b is None else b
+    return DenseWeights(_weight(cuda, W, dt), _weight(cuda, bias, dt), dt)
+
+
+# --- LSTM --------------------------------------------------------------------------------
+def _act_code(value, what):
+    from .kernels.lstm_cuda import ACTIVATION_CODES
+    if value is None:
+        return ACTIVATION_CODES["linear"]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if int(value) in ACTIVATION_CODES.values():
+            return int(value)
+    elif isinstance(value, str) and value in ACTIVATION_CODES:
+        return ACTIVATION_CODES[value]
+    raise ValueError(f"lstm: unsupported `{what}` {value!r} on CUDA; expected one of "
+                     f"{sorted(ACTIVATION_CODES)}")
+
+
+def _mask_dev(cuda, mask):
+    """[B, T] uint8 device array (1 = step computed)."""
+    if is_device_array(mask):
+        if _is_cupy(mask):
+            import cupy
+            m = cupy.ascontiguousarray(mask != 0).view(cupy.uint8)
+            return cuda.as_cuda_array(m)
+        d = mask if _is_numba_dev(mask) else cuda.as_cuda_array(mask)
+        if np.dtype(d.dtype) in (np.dtype(np.bool_), np.dtype(np.uint8)) \
+                and d.is_c_contiguous():
+            return d.view(np.uint8) if np.dtype(d.dtype) == np.bool_ else d
+        UPLOADS["convert"] += 1
+        mask = d.copy_to_host()
+    m = np.ascontiguousarray(np.asarray(mask) != 0).view(np.uint8)
+    UPLOADS["mask"] += 1
+    return cuda.to_device(m)
+
+
+def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=False,
+              zero_output_for_mask=False, act="tanh", rec="sigmoid", *, rec_act=None,
+              weights=None):
+    """LSTM forward pass on the GPU, Keras semantics (see fastseq.lstm).
+
+    x [B, T, D]; W [D, 4H]; U [H, 4H]; b [4H] (or None); h0, c0 [B, H] or None (zeros);
+    mask [B, T] bool/0-1 or None; act / rec: activation name or code ("tanh",
+    "sigmoid", "hard_sigmoid", "relu", "linear", "softsign").  ``rec_act`` is an alias
+    of ``rec``.  ``weights``: an ``LSTMWeights`` from ``upload_lstm_weights`` (then W, U,
+    b are ignored and may be None).
+    Returns (out, hT, cT): out [B, T, H] (processing order) with return_sequences, else
+    the last output [B, H].  NumPy in -> NumPy out; device x -> device arrays out.
+    """
+    global last_lstm_path
+    cuda = _require()
+    if rec_act is not None:
+        rec = rec_act
+    a_code = _act_code(act, "activation")
+    r_code = _act_code(rec, "recurrent_activation")
+    kind = _out_kind(x)
+    dt = _compute_dtype(x)
+    xd = _to_dev(cuda, x, dt, "x")
+    B, T, D = (int(n) for n in xd.shape)
+    if weights is None:
+        H = int(U.shape[0])
+        bias = np.zeros(4 * H, dt) if b is None else b
+        weights = LSTMWeights(_weight(cuda, W, dt), _weight(cuda, U, dt, transpose=True),
+                              _weight(cuda, bias, dt), dt)
+    elif weights.dtype != dt:
+        raise ValueError(f"lstm: weights were uploaded as {weights.dtype}, input computes "
+                         f"in {dt}")
+    H = weights.H
+    G4 = 4 * H
+    if weights.D != D:
+        raise ValueError(f"lstm: `kernel` must have shape [D, 4H] = ({D}, {G4}), got "
+                         f"({weights.D}, {int(weights.W.shape[1])})")
+
+    hbuf = cuda.device_array((2, B, H), dtype=dt)
+    if h0 is None:
+        hbuf[0].copy_to_device(np.zeros((B, H), dt))
+    else:
+        hbuf[0].copy_to_device(_to_dev(cuda, h0, dt, "state"))
+    cbuf = cuda.device_array((B, H), dtype=dt)
+    cbuf.copy_to_device(np.zeros((B, H), dt) if c0 is None
+                        else _to_dev(cuda, c0, dt, "state"))
+    ylast = _zeros(cuda, (B, H), dt)
+    if B == 0 or T == 0:
+        out = _zeros(cuda, (B, T, H), dt) if return_sequences else ylast
+        return _finish(out, kind), _finish(hbuf[0], kind), _finish(cbuf, kind)
+
+    G = cuda.device_array((B * T, G4), dtype=dt)
+    _matmul(cuda, xd.reshape(B * T, D), weights.W, G)
+    G3 = G.reshape(B, T, G4)
+    if mask is None:
+        maskd = cuda.to_device(np.ones((1, 1), np.uint8))
+        has_mask = 0
+    else:
+        maskd = _mask_dev(cuda, mask)
+        has_mask = 1
+    out = cuda.device_array((B, T, H), dtype=dt) if return_sequences \
+        else cuda.device_array((1, 1, 1), dtype=dt)
+    gb, zofm, rs = int(bool(go_backwards)), int(bool(zero_output_for_mask)), \
+        int(bool(return_sequences))
+
+    tpb = _pow2floor(THREADS_PER_BLOCK)
+    if BATCH_REGISTER_TILE is not None:
+        rbb = int(BATCH_REGISTER_TILE)
+    else:
+        rbb = 4 if B >= RBB_MIN_BATCH else 1
+    from .kernels.lstm_cuda import RBB_CHOICES
+    if rbb not in RBB_CHOICES:
+        raise ValueError(f"BATCH_REGISTER_TILE must be one of {RBB_CHOICES}, got {rbb}")
+    itemsize = dt.itemsize
+
+    mode = LSTM_MODE
+    if mode not in ("auto", "persistent", "stepwise"):
+        raise ValueError(f"LSTM_MODE must be 'auto', 'persistent' or 'stepwise', got {mode!r}")
+    reason = "LSTM_MODE='stepwise'"
+    if mode != "stepwise":
+        try:
+            kp, sigp = _lstm_kernel(cuda, "persistent", dt, rbb)
+            plan = _persistent_plan(cuda, kp, sigp, B, H, itemsize, tpb, rbb)
+        except Exception as exc:   # e.g. the device runtime library cannot be linked
+            if mode == "persistent":
+                raise
+            plan = (None, f"the persistent kernel is unavailable ({type(exc).__name__}: "
+                          f"{exc})")
+        if plan[0] is not None:
+            hb, ks, hp, smem, nblk = plan
+            try:
+                kp[nblk, tpb, 0, smem](G3, weights.Ut, weights.b, hbuf, cbuf, ylast, out,
+                                       maskd, hb, ks, hp, has_mask, gb, zofm, rs,
+                                       a_code, r_code)
+                LAUNCHES["lstm_persistent"] += 1
+                last_lstm_path = ("persistent",
+                                  f"{nblk} blocks x {tpb} threads, {hb} hidden units per "
+                                  f"block, KS={ks}, RBB={rbb}, {smem} bytes shared")
+                return _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind)
+            except Exception as exc:
+                if mode == "persistent":
+                    raise
+                reason = f"cooperative launch failed ({type(exc).__name__}: {exc})"
+                # the kernel may have run partly: reset the state before the fallback
+                hbuf[0].copy_to_device(np.zeros((B, H), dt) if h0 is None
+                                       else _to_dev(cuda, h0, dt, "state"))
+                cbuf.copy_to_device(np.zeros((B, H), dt) if c0 is None
+                                    else _to_dev(cuda, c0, dt, "state"))
+                ylast.copy_to_device(np.zeros((B, H), dt))
+        else:
+            reason = plan[1]
+            if mode == "persistent":
+                raise RuntimeError(f"lstm: the persistent CUDA kernel cannot run: {reason}")
+
+    ksf, sigs = _lstm_kernel(cuda, "step", dt, rbb)
+    hb = max(1, min(int(HIDDEN_PER_BLOCK) if HIDDEN_PER_BLOCK is not None else 8, H))
+    if BATCH_PER_BLOCK is not None:
+        bb = max(1, min(int(BATCH_PER_BLOCK), B))
+    else:
+        bb = max(1, min(B, (tpb * rbb) // hb))
+    ks = _choose_ks(tpb, (-(-bb // rbb)) * hb, H)
+    smem = max(itemsize * 4 * rbb * tpb if ks > 1 else 0, 64)
+    _enable_smem(cuda, ksf, sigs, smem)   # only needed above 48 KiB (tpb > 384)
+    grid = (-(-H // hb), -(-B // bb))
+    Ut1 = weights.Ut.reshape(G4 * H)
+    hv = (hbuf[0], hbuf[1])
+    for s in range(T):
+        t = T - 1 - s if gb else s
+        p = s % 2
+        ksf[grid, tpb, 0, smem](G3, Ut1, weights.b, hv[p], hv[1 - p], cbuf, ylast, out,
+                                maskd, s, t, hb, bb, ks, has_mask, zofm, rs,
+                                a_code, r_code)
+    LAUNCHES["lstm_step"] += T
+    last_lstm_path = ("stepwise", reason)
+    return _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind)
+
+
+def _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind):
+    o = out if return_sequences else ylast
+    return _finish(o, kind), _finish(hbuf[T % 2], kind), _finish(cbuf, kind)
+
+
+# --- Dense -------------------------------------------------------------------------------
+def _dense_code(activation):
+    from .kernels.dense_cuda import DENSE_CODES
+    key = "linear" if activation is None else activation
+    if not isinstance(key, str) or key not in DENSE_CODES:
+        raise ValueError(f"dense: unknown `activation` {activation!r}; expected None or "
+                         f"one of {sorted(DENSE_CODES)}")
+    return DENSE_CODES[key]
+
+
+def _dense_setup(cuda, x, W, b, weights):
+    dt = _compute_dtype(x)
+    xd = _to_dev(cuda, x, dt, "x")
+    if weights is None:
+        K = int(W.shape[1])
+        bias = np.zeros(K, dt) if b is None else b
+        weights = DenseWeights(_weight(cuda, W, dt), _weight(cuda, bias, dt), dt)
+    elif weights.dtype != dt:
+        raise ValueError(f"dense: weights were uploaded as {weights.dtype}, input computes "
+                         f"in {dt}")
+    shape = tuple(int(n) for n in xd.shape)
+    D = shape[-1]
+    M = int(np.prod(shape[:-1], dtype=np.int64))
+    K = int(weights.W.shape[1])
+    x2 = xd.reshape(M, D)
+    return dt, x2, weights, shape[:-1], M, K
+
+
+def _dense_launch_cfg(dt, K):
+    from .kernels import dense_cuda
+    rb = int(DENSE_ROWS_PER_BLOCK)
+    kt = int(DENSE_K_TILE)
+    ks = dense_cuda.dense_kernels(dt, rb, kt)
+    tpb = _pow2floor(DENSE_THREADS_PER_BLOCK)
+    nthr = min(tpb, max(min(32, tpb), _pow2ceil(K)))
+    smem = dt.itemsize * (2 * nthr + 2 * rb)
+    return ks, rb, kt, nthr, smem
+
+
+def dense_cuda(x, W, b, activation=None, *, weights=None):
+    """Time-distributed Dense with fused activation on the GPU: x [..., D], W [D, K],
+    b [K] or None -> act(x @ W + b) [..., K].  ``activation``: None, "linear",
+    "softmax", "log_softmax", "sigmoid", "tanh", "relu".  ``weights``: a
+    ``DenseWeights`` from ``upload_dense_weights``.  NumPy in -> NumPy out."""
+    cuda = _require()
+    code = _dense_code(activation)
+    kind = _out_kind(x)
+    dt, x2, weights, lead, M, K = _dense_setup(cuda, x, W, b, weights)
+    y = cuda.device_array((M, K), dtype=dt)
+    if M and K:
+        ks, rb, kt, nthr, smem = _dense_launch_cfg(dt, K)
+        k = _jit(cuda, ("dense", dt.str, rb, kt), ks.dense, ks.signatures["dense"])
+        k[-(-M // rb), nthr, 0, smem](x2, weights.W, weights.b, y, code)
+        LAUNCHES["dense"] += 1
+    return _finish(y.reshape(*lead, K), kind)
+
+
+def argmax_dense_cuda(x, W, b, activation=None, *, weights=None):
+    """argmax over the last axis of act(x @ W + b), fused: no probabilities are written.
+    x [..., D] -> int64 indices [...].  Ties go to the lowest index (NumPy's rule)."""
+    cuda = _require()
+    code = _dense_code(activation)
+    kind = _out_kind(x)
+    dt, x2, weights, lead, M, K = _dense_setup(cuda, x, W, b, weights)
+    if K == 0:
+        raise ValueError("argmax_dense: the kernel has K = 0 output columns")
+    idx = cuda.device_array((M,), dtype=np.int64)
+    if M:
+        ks, rb, kt, nthr, smem = _dense_launch_cfg(dt, K)
+        k = _jit(cuda, ("dense_argmax", dt.str, rb, kt), ks.argmax,
+                 ks.signatures["argmax"])
+        k[-(-M // rb), nthr, 0, smem](x2, weights.W, weights.b, idx, code)
+        LAUNCHES["dense_argmax"] += 1
+    if lead:
+        return _finish(idx.reshape(*lead), kind)
+    if kind == "host":
+        return idx.copy_to_host().reshape(())
+    return _finish(idx, kind)   # 1-D x on the device: shape (1,)
+
+
+def kernel_catalog():
+    """Every (name, python function, argument types) the CUDA backend compiles, for
+    the default tunables and both float dtypes (used by the compile test)."""
+    from .kernels import dense_cuda, gemm_cuda, lstm_cuda
+    cat = []
+    for dt in (np.dtype(np.float32), np.dtype(np.float64)):
+        for rbb in lstm_cuda.RBB_CHOICES:
+            ks = lstm_cuda.lstm_kernels(dt, rbb)
+            cat.append((f"lstm_persistent[{dt.name},RBB={rbb}]", ks.persistent,
+                        ks.signatures["persistent"]))
+            cat.append((f"lstm_step[{dt.name},RBB={rbb}]", ks.step,
+                        ks.signatures["step"]))
+        ks1 = lstm_cuda.lstm_kernels(dt, 1)
+        cat.append((f"transpose[{dt.name}]", ks1.transpose, ks1.signatures["transpose"]))
+        cat.append((f"gemm[{dt.name}]", gemm_cuda.gemm_kernel(dt, GEMM_TILE, GEMM_THREADS),
+                    gemm_cuda.signature(dt)))
+        dk = dense_cuda.dense_kernels(dt, DENSE_ROWS_PER_BLOCK, DENSE_K_TILE)
+        cat.append((f"dense[{dt.name}]", dk.dense, dk.signatures["dense"]))
+        cat.append((f"dense_argmax[{dt.name}]", dk.argmax, dk.signatures["argmax"]))
+    return cat
