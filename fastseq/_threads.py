@@ -48,10 +48,13 @@ def split(n_rows, macs_per_row=0):
 
 
 def run_blocks(fn, blocks):
-    """Run ``fn(lo, hi)`` for every block, the first on this thread, the rest on the pool;
-    BLAS is kept to one thread meanwhile so the threads do not oversubscribe the cores."""
+    """Run ``fn(lo, hi)`` for every block, the first on this thread, the rest on the pool.
+    BLAS is kept to one thread meanwhile: each block's thread does its own GEMMs, and a
+    multi-threaded BLAS on these small per-step products only adds wake-ups and spinning
+    (catastrophically so on a loaded machine)."""
     if len(blocks) == 1:
-        fn(*blocks[0])
+        with _blas_single_thread():
+            fn(*blocks[0])
         return
     with _lock:
         pool = _state["pool"]

@@ -35,9 +35,10 @@ NJIT_INLINE_OPTS = {"fastmath": FASTMATH, "error_model": "numpy"}
 # Time steps per chunk of the input projection are chosen so the chunk's [B, Tc, 4H]
 # buffer holds about this many bytes (it stays in cache between the GEMM and the steps).
 CHUNK_BYTES = 1 << 20
-# Batch size from which the recurrent product h @ U of each step runs as a BLAS GEMM;
+# Rows per thread block from which the recurrent product h @ U of each step runs as a
+# BLAS GEMM (measured crossover on a 2-core EPYC: 4-16 rows depending on H);
 # below it, the fused Numba step kernel is used.
-GEMM_MIN_BATCH = 16
+GEMM_MIN_BATCH = 8
 # Work (multiply-adds) below which a call runs on one thread: handing rows to the pool
 # and back costs tens of microseconds, more than small problems take.
 MIN_MACS_PER_THREAD = 2_000_000
