@@ -3,7 +3,7 @@
 Inputs arrive validated: contiguous NumPy arrays of one float dtype.  The batch is split
 into one contiguous block of rows per thread (``_threads``); each thread runs its rows
 through every time step on its own: the input projection of a chunk of steps as one BLAS
-GEMM, then the recurrence (fused Numba loop for small blocks, or per step a BLAS GEMM
+GEMM, then the recurrence (a fused Numba loop over the chunk for small blocks, or per step a BLAS GEMM
 ``h U`` plus a fused Numba pointwise kernel), then optionally a Dense epilogue on the
 chunk while it is in cache.  No [B, T, 4H] buffer is ever held: only [rows, Tc, 4H].
 """
@@ -85,9 +85,9 @@ def _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec, 
     rows = hi - lo
     hb, cb, sb = h[lo:hi], c[lo:hi], seen[lo:hi]
     Tc = chunk_steps(rows, G, dt.itemsize, T)
-    use_gemm = rows >= config.GEMM_MIN_BATCH
+    use_gemm = rows * H * G >= config.GEMM_MIN_STEP_MACS
     write = out is not None
-    zu = np.empty((rows, G), dt) if use_gemm else None
+    zu = np.empty((rows, G), dt)
     hseq = None
     if ep is not None:
         hseq = np.empty((rows, Tc, H), dt)       # chunk outputs fed to the epilogue
@@ -119,8 +119,8 @@ def _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec, 
                 lstm_cpu.lstm_step_pointwise(zu, xw, s, b, hb, cb, sb, mc, oc, write,
                                              zero_output, act, rec)
         else:
-            lstm_cpu.lstm_chunk_fused(xw, U, b, hb, cb, sb, mc, oc, write, zero_output,
-                                      act, rec)
+            lstm_cpu.lstm_chunk_fused(xw, U, b, hb, cb, sb, mc, zu, oc, write,
+                                      zero_output, act, rec)
         if ep is not None:
             np.matmul(hseq.reshape(rows * n, H), ep[0], out=ybuf)
             dense_cpu.bias_act_rows(ybuf, ep[1], ep[2])

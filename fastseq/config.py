@@ -35,10 +35,12 @@ NJIT_INLINE_OPTS = {"fastmath": FASTMATH, "error_model": "numpy"}
 # Time steps per chunk of the input projection are chosen so the chunk's [B, Tc, 4H]
 # buffer holds about this many bytes (it stays in cache between the GEMM and the steps).
 CHUNK_BYTES = 1 << 20
-# Rows per thread block from which the recurrent product h @ U of each step runs as a
-# BLAS GEMM (measured crossover on a 2-core EPYC: 4-16 rows depending on H);
-# below it, the fused Numba step kernel is used.
-GEMM_MIN_BATCH = 8
+# Multiply-adds of one step's recurrent product h U for a thread's block of rows
+# (rows * H * 4H) from which that product runs as a BLAS GEMM called from Python each
+# step; below it the fused Numba kernel computes it and loops over the steps itself (no
+# Python between steps).  Measured on a 2-core EPYC: equal speed near 16 x 256 x 1024,
+# BLAS twice as fast at 64 x 512 x 2048.
+GEMM_MIN_STEP_MACS = 4_000_000
 # Work (multiply-adds) below which a call runs on one thread: handing rows to the pool
 # and back costs tens of microseconds, more than small problems take.
 MIN_MACS_PER_THREAD = 2_000_000

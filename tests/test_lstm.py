@@ -4,8 +4,9 @@ Tolerances come from ``fastseq.config.tolerance(dtype)``.  The CPU driver has tw
 running the recurrence and a time-chunked input projection; the ``cpu_path`` fixture
 forces each of them through ``fastseq.config`` (read at call time):
 
-* ``fused``        - GEMM_MIN_BATCH huge: every batch size takes the fused Numba step kernel.
-* ``gemm``         - GEMM_MIN_BATCH = 1: every batch size takes the per-step BLAS GEMM
+* ``fused``        - GEMM_MIN_STEP_MACS huge: every block takes the fused Numba kernel
+                     (rows four at a time, leftover rows one at a time).
+* ``gemm``         - GEMM_MIN_STEP_MACS = 0: every block takes the per-step BLAS GEMM
                      (h @ U) + pointwise kernel path.
 * ``fused-chunks`` - fused path with CHUNK_BYTES = 1: one time step per chunk, so the
                      state/mask/"seen" bookkeeping is carried across many chunks.
@@ -22,18 +23,18 @@ DEVICE = "cpu"
 ACTS = ["tanh", "sigmoid", "hard_sigmoid", "relu", "linear", None, "softsign"]
 
 PATHS = {
-    # name: (GEMM_MIN_BATCH, CHUNK_BYTES or None = leave the default)
-    "fused": (1 << 30, None),
-    "gemm": (1, None),
-    "fused-chunks": (1 << 30, 1),
-    "gemm-chunks": (1, 1),
+    # name: (GEMM_MIN_STEP_MACS, CHUNK_BYTES or None = leave the default)
+    "fused": (1 << 62, None),
+    "gemm": (0, None),
+    "fused-chunks": (1 << 62, 1),
+    "gemm-chunks": (0, 1),
 }
 
 
 @pytest.fixture(params=list(PATHS))
 def cpu_path(request, monkeypatch):
     gemm_min, chunk = PATHS[request.param]
-    monkeypatch.setattr(config, "GEMM_MIN_BATCH", gemm_min)
+    monkeypatch.setattr(config, "GEMM_MIN_STEP_MACS", gemm_min)
     # split rows across threads even for tiny problems, so every path runs in blocks
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     if chunk is not None:
@@ -91,7 +92,7 @@ def test_random(rng, assert_close, cpu_path, dtype, return_sequences, go_backwar
         (2, 3, 1, 7),     # D = 1, odd H
         (3, 4, 5, 33),    # H not a multiple of any SIMD/block width
         (2, 2, 70, 3),    # D > H
-        (17, 3, 2, 7),    # B above the default GEMM_MIN_BATCH
+        (17, 3, 2, 7),    # blocks of 8 and 9 rows: 4-row tiles plus leftover rows
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -114,7 +115,7 @@ def test_long_sequence(rng, assert_close, cpu_path, dtype):
 
 def test_default_chunking_many_chunks(rng, assert_close):
     # Default config, but a sequence long enough for the default CHUNK_BYTES to split it
-    # (B*T*4H*4 bytes = 2*600*4*64*4 = 1.2 MiB > 1 MiB).  Default GEMM_MIN_BATCH: fused.
+    # (B*T*4H*4 bytes = 2*600*4*64*4 = 1.2 MiB > 1 MiB).  Default GEMM_MIN_STEP_MACS: fused.
     B, T, D, H = 2, 600, 2, 64
     x, W, U, b = _data(rng, B, T, D, H, np.float32, scale=0.3)
     _run(x, W, U, b, assert_close, np.float32, return_state=True)

@@ -10,18 +10,18 @@ from fastseq.ops import lstm_dense
 from reference import ref_dense, ref_lstm
 
 PATHS = {
-    # name: (GEMM_MIN_BATCH, CHUNK_BYTES or None = default)
-    "fused": (1 << 30, None),          # fused step kernel, one chunk
-    "gemm": (1, None),                 # per-step BLAS GEMM + pointwise kernel
-    "fused-chunks": (1 << 30, 1),      # one step per chunk: epilogue runs per step
-    "gemm-chunks": (1, 1),
+    # name: (GEMM_MIN_STEP_MACS, CHUNK_BYTES or None = default)
+    "fused": (1 << 62, None),          # fused step kernel, one chunk
+    "gemm": (0, None),                 # per-step BLAS GEMM + pointwise kernel
+    "fused-chunks": (1 << 62, 1),      # one step per chunk: epilogue runs per step
+    "gemm-chunks": (0, 1),
 }
 
 
 @pytest.fixture(params=list(PATHS))
 def cpu_path(request, monkeypatch):
     gemm_min, chunk = PATHS[request.param]
-    monkeypatch.setattr(config, "GEMM_MIN_BATCH", gemm_min)
+    monkeypatch.setattr(config, "GEMM_MIN_STEP_MACS", gemm_min)
     # split rows across threads even for tiny problems, so every path runs in blocks
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     if chunk is not None:
@@ -57,7 +57,8 @@ def test_lstm_dense_matches_reference(cpu_path, dtype, activation, go_backwards,
 @pytest.mark.parametrize("B", [1, 2, 3, 7])
 def test_thread_split_gives_reference(threads, B, rng, assert_close, monkeypatch):
     """Rows are split into one block per thread (uneven blocks for odd B)."""
-    monkeypatch.setattr(config, "GEMM_MIN_BATCH", 2)   # blocks of >= 2 rows take GEMM
+    # blocks of >= 2 rows take the BLAS GEMM path (H = 5: 2 * 5 * 20 multiply-adds)
+    monkeypatch.setattr(config, "GEMM_MIN_STEP_MACS", 2 * 5 * 20)
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)  # split even tiny problems
     old = fastseq.get_num_threads()
     fastseq.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
