@@ -48,7 +48,7 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
         return out, h, c
     seen = np.zeros(B, np.uint8)
     if mask is None:
-        m8 = np.ones((B, T), np.uint8)
+        m8 = None       # every step computed; the rows' threads use a chunk of ones
     else:
         m8 = mask.view(np.uint8)
         if go_backwards:
@@ -71,6 +71,8 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
     if return_sequences:
         return out, h, c
     # the last output as Keras defines it: the output of the final step
+    if m8 is None:
+        return h.copy(), h, c
     keep = (m8[:, T - 1] != 0) | ((seen != 0) & (not zero_output_for_mask))
     last = np.where(keep[:, None], h, np.zeros_like(h))
     return last, h, c
@@ -88,23 +90,26 @@ def _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec, 
     use_gemm = rows * H * G >= config.GEMM_MIN_STEP_MACS
     write = out is not None
     zu = np.empty((rows, G), dt)
-    hseq = None
+    # flat buffers sized for a full chunk; a shorter last chunk uses their heads, which
+    # are contiguous too (nothing is reallocated)
+    xin_buf = np.empty(rows * Tc * D, dt)     # contiguous copy of the chunk's inputs
+    xw_buf = np.empty(rows * Tc * G, dt)      # its projection x W
     if ep is not None:
-        hseq = np.empty((rows, Tc, H), dt)       # chunk outputs fed to the epilogue
-        ybuf = np.empty((rows * Tc, ep[0].shape[1]), dt)
+        K = ep[0].shape[1]
+        hseq_buf = np.empty(rows * Tc * H, dt)  # chunk outputs fed to the epilogue
+        y_buf = np.empty(rows * Tc * K, dt)
     dummy = np.empty((1, 1, 1), dt)
-    xin = xw = None
+    ones = np.ones(rows * Tc, np.uint8) if m8 is None else None
     for s0 in range(0, T, Tc):
         n = min(Tc, T - s0)
-        if xin is None or xin.shape[1] != n:
-            xin = np.empty((rows, n, D), dt)     # contiguous copy of the chunk's inputs
-            xw = np.empty((rows, n, G), dt)      # its projection x W
-            if ep is not None:
-                hseq = np.empty((rows, n, H), dt)
-                ybuf = np.empty((rows * n, ep[0].shape[1]), dt)
+        xin = xin_buf[:rows * n * D].reshape(rows, n, D)
+        xw = xw_buf[:rows * n * G].reshape(rows, n, G)
+        if ep is not None:
+            hseq = hseq_buf[:rows * n * H].reshape(rows, n, H)
+            ybuf = y_buf[:rows * n * K].reshape(rows * n, K)
         xin[...] = xs[lo:hi, s0:s0 + n]
         np.matmul(xin.reshape(rows * n, D), W, out=xw.reshape(rows * n, G))
-        mc = m8[lo:hi, s0:s0 + n]
+        mc = ones[:rows * n].reshape(rows, n) if m8 is None else m8[lo:hi, s0:s0 + n]
         if not mc.flags.c_contiguous:
             mc = np.ascontiguousarray(mc)
         if ep is not None:
