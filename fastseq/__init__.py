@@ -16,8 +16,11 @@ def __getattr__(name):
     if name in ("from_keras", "Model"):
         from . import keras_import
         return getattr(keras_import, name)
+    if name == "load_model":
+        from . import training
+        return training.load
     raise AttributeError(f"module 'fastseq' has no attribute {name!r}")
 
 
-__all__ = ["lstm", "dense", "from_keras", "Model", "set_num_threads", "get_num_threads",
-           "__version__"]
+__all__ = ["lstm", "dense", "from_keras", "Model", "load_model", "set_num_threads",
+           "get_num_threads", "__version__"]

@@ -3,6 +3,7 @@
     fastseq bench [--configs C1,C2,C3,C4] [--providers ...] [--repeats N] [--quick]
                   [--threads N] [--json PATH] [--plot PATH] [--c4-model PATH.keras]
     fastseq validate MODEL.keras [--input X.npy] [--batch-size N]
+    fastseq train-tagger [--epochs N] [--compare keras,torch] [--save PATH] [--tag TEXT]
 
 Heavy imports (Keras, TensorFlow, PyTorch, ...) happen inside the subcommands, so
 ``fastseq --help`` is quick.
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--atol", type=float, default=None,
                    help="absolute tolerance (default fastseq.config.KERAS_PARITY_ATOL)")
+    from . import tagger  # numpy only at import time
+    tagger.build_parser(sub.add_parser(
+        "train-tagger", help="train the UD English EWT POS tagger (optionally vs Keras, "
+                             "PyTorch in the same run), evaluate, save, tag a sentence"))
     return parser
 
 
@@ -278,6 +283,9 @@ def main(argv=None) -> int:
         return cmd_bench(args)
     if args.command == "validate":
         return cmd_validate(args)
+    if args.command == "train-tagger":
+        from . import tagger
+        return tagger.run_cli(args)
     parser.print_help()
     return 2
 

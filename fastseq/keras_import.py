@@ -119,8 +119,11 @@ class LSTM(Layer):
 
     def __init__(self, name, keras_class, dtype, kernel, recurrent_kernel, bias, *,
                  return_sequences, go_backwards, zero_output_for_mask, activation,
-                 recurrent_activation):
+                 recurrent_activation, dropout=0.0, recurrent_dropout=0.0):
         super().__init__(name, keras_class, dtype)
+        # inactive at inference; training refuses a layer where they are nonzero
+        self.dropout = float(dropout)
+        self.recurrent_dropout = float(recurrent_dropout)
         self.kernel = kernel
         self.recurrent_kernel = recurrent_kernel
         self.bias = bias
@@ -300,6 +303,62 @@ class Model:
         if isinstance(y, list):
             return [np.argmax(t, axis=-1) for t in y]
         return np.argmax(y, axis=-1)
+
+    # --- training (fastseq.training); grads/weights in keras_model.trainable_weights order
+    def compile(self, optimizer="adam", loss="sparse_categorical_crossentropy",
+                from_logits=False):
+        """Set the optimizer (a name, a ``fastseq.optimizers`` object, or a Keras
+        optimizer) and the loss for ``fit`` / ``train_on_batch``."""
+        from . import training
+        return training.compile(self, optimizer, loss, from_logits)
+
+    def loss_and_gradients(self, x, y, sample_weight=None, **kwargs):
+        """``(loss, grads)`` with Keras's loss scaling; grads in
+        ``keras_model.trainable_weights`` order."""
+        from . import training
+        return training.loss_and_gradients(self, x, y, sample_weight, **kwargs)
+
+    def train_on_batch(self, x, y, sample_weight=None):
+        """One optimizer step on one batch; returns the loss before the step."""
+        from . import training
+        return training.train_on_batch(self, x, y, sample_weight)
+
+    def fit(self, x, y=None, **kwargs):
+        """Keras-style ``fit(x, y, batch_size, epochs, validation_data, sample_weight,
+        shuffle, verbose)``; returns the history dict."""
+        from . import training
+        return training.fit(self, x, y, **kwargs)
+
+    def evaluate(self, x, y=None, **kwargs):
+        """Loss (and accuracy) on ``x, y`` without updating the weights."""
+        from . import training
+        return training.evaluate(self, x, y, **kwargs)
+
+    def get_weights(self):
+        """Copies of the trainable weights, in Keras's ``trainable_weights`` order."""
+        from . import training
+        return training.get_weights(self)
+
+    def set_weights(self, weights):
+        """Write weights given in Keras's ``trainable_weights`` order."""
+        from . import training
+        return training.set_weights(self, weights)
+
+    @property
+    def trainable_weights(self):
+        """The weight arrays themselves, in Keras's ``trainable_weights`` order."""
+        from . import training
+        return training.trainable_weights(self)
+
+    def to_keras(self, keras_model):
+        """Write this model's weights into ``keras_model`` (same architecture)."""
+        from . import training
+        return training.to_keras(self, keras_model)
+
+    def save(self, path, metadata=None):
+        """Save as NumPy ``.npz`` weights plus a JSON config (no pickle)."""
+        from . import training
+        return training.save(self, path, metadata)
 
     def _forward(self, x):
         mask = None
@@ -482,7 +541,8 @@ def _import_lstm(keras, layer):
                 zero_output_for_mask=layer.zero_output_for_mask,
                 activation=_activation(layer, "activation", LSTM_ACTIVATIONS),
                 recurrent_activation=_activation(layer, "recurrent_activation",
-                                                 LSTM_ACTIVATIONS))
+                                                 LSTM_ACTIVATIONS),
+                dropout=cell.dropout, recurrent_dropout=cell.recurrent_dropout)
 
 
 def _import_dense(keras, layer, dense_layer, keras_class):

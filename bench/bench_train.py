@@ -1,0 +1,215 @@
+"""One training step of the EWT tagger (Embedding(V, 100, mask_zero) ->
+Bidirectional(LSTM(128)) -> Dense(17, softmax), Adam, batch 32, length-bucketed EWT
+train batches): fastseq vs Keras ``train_on_batch`` (TensorFlow) vs the same model in
+PyTorch (packed sequences, masked mean cross-entropy, Adam).
+
+    python -m pytest bench/bench_train.py --benchmark-only
+    python -m pytest bench/bench_train.py --benchmark-only --fastseq-quick   # tiny
+    python bench/bench_train.py [--steps 30] [--threads 2]   # side by side, one process
+                                                              # per framework
+
+Each benchmark round is one step on the next batch of a fixed list of batches (the
+same batches for every framework), so rounds cover a spread of sentence lengths.  The
+three frameworks start from the same weights.  See bench/conftest.py for the options.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# PyTorch before Keras: once TensorFlow is loaded, PyTorch's CPU threads slow down
+# badly in the same process (competing OpenMP/Eigen pools); the command-line
+# comparison runs every framework in a process of its own.
+FRAMEWORKS = ("fastseq", "torch", "keras")
+
+
+def make_batches(quick=False, n=40, seed=0):
+    """``n`` length-bucketed batches of EWT train (ids, tags, mask), the vocabulary size
+    and the model sizes (E, H, K)."""
+    from fastseq import datasets
+    vocab = datasets.default_vocab()
+    train = datasets.load_ewt("train")
+    batch_size, E, H = (8, 16, 16) if quick else (32, 100, 128)
+    bs = list(datasets.batches(train, vocab, batch_size, shuffle=True, seed=seed))[:n]
+    return [(b.ids, b.tags, b.mask) for b in bs], len(vocab), (E, H, 17)
+
+
+def initial_weights(V, E, H, K, seed=0):
+    """Keras-style initial weights in ``trainable_weights`` order."""
+    from fastseq import tagger
+    return tagger.init_weights(V, E, H, K, seed=seed)
+
+
+def fastseq_step(V, sizes, weights):
+    from fastseq import training, tagger
+    model = tagger.build_model(V, *sizes, weights=weights)
+    training.compile(model, optimizer="adam")
+    return lambda ids, tags, mask: training.train_on_batch(model, ids, tags)
+
+
+def keras_step(V, sizes, weights):
+    import keras
+    from fastseq import tagger
+    model = tagger.build_keras_model(V, *sizes, weights=weights)
+    model.compile(optimizer=keras.optimizers.Adam(), loss="sparse_categorical_crossentropy")
+    return lambda ids, tags, mask: float(model.train_on_batch(ids, tags))
+
+
+def torch_step(V, sizes, weights):
+    import torch
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    E, H, K = sizes
+    emb, fk, fr, fb, bk, br, bb, dk, db = [np.asarray(w, np.float32) for w in weights]
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, E)
+            self.lstm = nn.LSTM(E, H, batch_first=True, bidirectional=True)
+            self.dense = nn.Linear(2 * H, K)
+
+        def forward(self, ids, lengths):
+            packed = pack_padded_sequence(self.emb(ids), lengths, batch_first=True,
+                                          enforce_sorted=False)
+            y, _ = self.lstm(packed)
+            y, _ = pad_packed_sequence(y, batch_first=True, total_length=ids.shape[1])
+            return self.dense(y)
+
+    mod = Tagger()
+    with torch.no_grad():
+        mod.emb.weight.copy_(torch.from_numpy(emb))
+        for sfx, (k, r, b) in (("", (fk, fr, fb)), ("_reverse", (bk, br, bb))):
+            getattr(mod.lstm, "weight_ih_l0" + sfx).copy_(torch.from_numpy(k.T.copy()))
+            getattr(mod.lstm, "weight_hh_l0" + sfx).copy_(torch.from_numpy(r.T.copy()))
+            getattr(mod.lstm, "bias_ih_l0" + sfx).copy_(torch.from_numpy(b))
+            getattr(mod.lstm, "bias_hh_l0" + sfx).zero_()
+        mod.dense.weight.copy_(torch.from_numpy(dk.T.copy()))
+        mod.dense.bias.copy_(torch.from_numpy(db))
+    opt = torch.optim.Adam(mod.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
+    lossf = nn.CrossEntropyLoss(reduction="sum")
+
+    def step(ids, tags, mask):
+        ids_t = torch.from_numpy(ids.astype(np.int64))
+        lengths = torch.from_numpy(mask.sum(axis=1).astype(np.int64))
+        m = torch.from_numpy(mask)
+        logits = mod(ids_t, lengths)
+        loss = lossf(logits[m], torch.from_numpy(tags.astype(np.int64))[m]) / m.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+MAKERS = {"fastseq": fastseq_step, "keras": keras_step, "torch": torch_step}
+
+
+def missing(framework):
+    import importlib.util
+    need = {"fastseq": "numba", "keras": "tensorflow", "torch": "torch"}[framework]
+    return None if importlib.util.find_spec(need) else f"missing: {need}"
+
+
+# --- pytest-benchmark -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setup(request):
+    quick = request.config.getoption("--fastseq-quick", False)
+    batches, V, sizes = make_batches(quick)
+    return batches, V, sizes, initial_weights(V, *sizes)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_train_step(benchmark, setup, rounds, framework):
+    why = missing(framework)
+    if why:
+        pytest.skip(why)
+    batches, V, sizes, weights = setup
+    step = MAKERS[framework](V, sizes, weights)
+    t0 = time.perf_counter()
+    first_loss = step(*batches[0])  # compilation / tracing
+    first_ms = (time.perf_counter() - t0) * 1e3
+    step(*batches[1])
+    it = iter(range(2, 10 ** 9))
+    benchmark.group = "EWT tagger train step"
+    benchmark.name = f"train-step-{framework}"
+    benchmark.extra_info.update({"first_call_ms": first_ms, "first_loss": first_loss,
+                                 "batch_size": int(batches[0][0].shape[0])})
+    benchmark.pedantic(lambda: step(*batches[next(it) % len(batches)]),
+                       rounds=max(rounds, 10), warmup_rounds=1, iterations=1)
+    assert np.isfinite(first_loss)
+
+
+# --- a quick side-by-side from the command line ---------------------------------------
+def _time_steps(fw, steps, threads, quick):
+    """Median/mean ms per step of ``fw`` (in this process)."""
+    if threads:
+        if fw == "fastseq":
+            import fastseq
+            fastseq.set_num_threads(threads)
+        elif fw == "torch":
+            import torch
+            torch.set_num_threads(threads)
+        else:
+            import tensorflow as tf
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+    batches, V, sizes = make_batches(quick, n=steps + 2)
+    step = MAKERS[fw](V, sizes, initial_weights(V, *sizes))
+    step(*batches[0])
+    step(*batches[1])
+    times = []
+    for b in batches[2:]:
+        t0 = time.perf_counter()
+        step(*b)
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": float(np.median(times) * 1e3),
+            "mean_ms": float(np.mean(times) * 1e3), "steps": len(times)}
+
+
+def main(argv=None):
+    import argparse
+    import json
+    import subprocess
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=30, help="timed steps per framework")
+    p.add_argument("--threads", type=int, default=None, help="threads for every framework")
+    p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:  # child process: one framework, JSON on stdout's last line
+        print(json.dumps(_time_steps(args.worker, args.steps, args.threads, args.quick)))
+        return 0
+    res = {}
+    for fw in args.frameworks.split(","):
+        why = missing(fw)
+        if why:
+            print(f"{fw}: {why}")
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw,
+               "--steps", str(args.steps)] + (["--threads", str(args.threads)]
+                                               if args.threads else []) + \
+            (["--quick"] if args.quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{fw}: failed\n{out.stderr[-2000:]}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        res[fw] = r["median_ms"]
+        print(f"{fw:8s} median {r['median_ms']:8.2f} ms/step  mean {r['mean_ms']:8.2f} "
+              f"ms over {r['steps']} steps (own process)", flush=True)
+    if "fastseq" in res:
+        for fw, ms in res.items():
+            if fw != "fastseq":
+                print(f"fastseq speed-up vs {fw}: {ms / res['fastseq']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Numba CPU kernels for training an LSTM: a forward pass that saves what backpropagation
+through time needs, and the backward recurrence (Keras gate order i, f, c, o).
+
+Layout: everything is **time-major** and indexed by **input time** ``t`` (the position in
+the layer's input sequence), whatever the processing direction: with ``reverse`` (Keras
+``go_backwards``) processing step ``s`` reads input time ``t = T - 1 - s``.  Saved arrays
+of a step are stored at its input time, so the large products of the backward pass are
+single GEMMs over all steps, computed outside these kernels::
+
+    dW = X^T dZ      X  [T*B, D],   dZ [T*B, 4H]
+    dU = Hp^T dZ     Hp [T*B, H]    (state before each step)
+    db = sum_rows dZ
+    dX = dZ W^T
+
+Only the recurrent products ``h U`` (forward) and ``dz U^T`` (backward) run per step, as
+BLAS GEMMs called from inside the kernels (``np.dot`` with an output buffer).  The step
+loops allocate nothing; the kernels release the GIL so row groups can run in threads.
+
+Masking mirrors the forward semantics of Keras (and of ``lstm_cpu``): a masked step keeps
+``h`` and ``c``; its output is the previous output of the row (zero before the first
+step), or zero with ``zero_output_for_mask``.  Backward: at a masked step the state
+gradients pass through unchanged and ``dz = 0``; the gradient of a masked output flows to
+the previous output (or is dropped with ``zero_output_for_mask``) through ``carry``.
+
+Activation derivatives are computed from the saved activation outputs ``y``:
+tanh 1 - y^2, sigmoid y (1 - y), hard_sigmoid 1/6 inside (0, 1), relu [y > 0],
+softsign (1 - |y|)^2, linear 1.
+"""
+import numpy as np
+from numba import njit
+
+from ..config import FASTMATH
+from .activations import (apply_act, ACT_TANH, ACT_SIGMOID, ACT_HARD_SIGMOID, ACT_RELU,
+                          ACT_SOFTSIGN)
+
+
+@njit(fastmath=FASTMATH, inline="always", error_model="numpy")
+def act_grad(code, y, one, sixth):
+    """Derivative of activation ``code`` at the point where it returned ``y``; ``one``
+    and ``sixth`` are 1 and 1/6 in the dtype of ``y`` (keeps float32 math in float32)."""
+    if code == ACT_TANH:
+        return one - y * y
+    elif code == ACT_SIGMOID:
+        return y * (one - y)
+    elif code == ACT_HARD_SIGMOID:
+        if y > 0 and y < 1:
+            return sixth
+        return one - one
+    elif code == ACT_RELU:
+        return one if y > 0 else one - one
+    elif code == ACT_SOFTSIGN:
+        a = one - abs(y)
+        return a * a
+    return one
+
+
+@njit(fastmath=FASTMATH, inline="always", error_model="numpy")
+def _gates_row(zr, xr, b, gr, cr, ar, hr, H, act, rec):
+    """Gates and new state of one row (an unmasked step), in simple loops over
+    contiguous rows so that each one vectorises.
+
+    zr: [4H] h U of the row, overwritten with the pre-activations;  xr: [4H] x W
+    b: [4H];  gr: [4H] written: gate activations i, f, g, o
+    cr, hr: [H] state (overwritten);  ar: [H] written: act(c)
+    """
+    G = 4 * H
+    for j in range(G):
+        zr[j] = zr[j] + xr[j] + b[j]
+    if act == ACT_TANH and rec == ACT_SIGMOID:  # constant codes: vectorised activations
+        for j in range(2 * H):
+            gr[j] = apply_act(ACT_SIGMOID, zr[j])
+        for j in range(2 * H, 3 * H):
+            gr[j] = apply_act(ACT_TANH, zr[j])
+        for j in range(3 * H, G):
+            gr[j] = apply_act(ACT_SIGMOID, zr[j])
+        for j in range(H):
+            cn = gr[H + j] * cr[j] + gr[j] * gr[2 * H + j]
+            cr[j] = cn
+            ar[j] = apply_act(ACT_TANH, cn)
+    else:
+        for j in range(2 * H):
+            gr[j] = apply_act(rec, zr[j])
+        for j in range(2 * H, 3 * H):
+            gr[j] = apply_act(act, zr[j])
+        for j in range(3 * H, G):
+            gr[j] = apply_act(rec, zr[j])
+        for j in range(H):
+            cn = gr[H + j] * cr[j] + gr[j] * gr[2 * H + j]
+            cr[j] = cn
+            ar[j] = apply_act(act, cn)
+    for j in range(H):
+        hr[j] = gr[3 * H + j] * ar[j]
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+def lstm_train_forward(xw, U, b, mask, nact, reverse, h, c, hprev, cprev, gates, actc,
+                       out, zu, zero_output, act, rec):
+    """Forward recurrence saving the BPTT state.  All arrays C-contiguous.
+
+    xw:    [T, B, 4H] input projection x W (no bias), input-time order
+    U:     [H, 4H] recurrent kernel
+    b:     [4H] bias (zeros when the layer has none)
+    mask:  [T, B] uint8, input-time order (1 = step computed)
+    nact:  [T] rows r >= nact[t] are masked at input time t (the recurrent GEMM of the
+           step covers rows [0, nact[t]) only; sorting rows by length helps)
+    reverse: 1 to process input times T-1 .. 0 (go_backwards), else 0
+    h, c:  [B, H] initial state in, final state out
+    hprev, cprev: [T, B, H] written: state before the step at each input time
+    gates: [T, B, 4H] written: i, f, g, o activations (rows of masked steps not written)
+    actc:  [T, B, H] written: act(c) after the step (masked rows not written)
+    out:   [T, B, H] written: the layer's output of each step, at its input time
+    zu:    [B, 4H] scratch for h U
+    zero_output: 1 = masked steps output zero, else the previous output
+    act, rec: ACT_* codes of activation / recurrent_activation
+    """
+    T, B, G = xw.shape
+    H = G // 4
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        tp = t + 1 if reverse else t - 1  # input time of the previous step
+        for r in range(B):
+            for j in range(H):
+                hprev[t, r, j] = h[r, j]
+                cprev[t, r, j] = c[r, j]
+        n = nact[t]
+        if n > 0:
+            np.dot(h[:n], U, zu[:n])
+        for r in range(B):
+            if r < n and mask[t, r] != 0:
+                hr = h[r]
+                _gates_row(zu[r], xw[t, r], b, gates[t, r], c[r], actc[t, r], hr, H, act,
+                           rec)
+                orow = out[t, r]
+                for j in range(H):
+                    orow[j] = hr[j]
+            elif zero_output or s == 0:
+                for j in range(H):
+                    out[t, r, j] = 0
+            else:
+                for j in range(H):
+                    out[t, r, j] = out[tp, r, j]
+
+
+@njit(fastmath=FASTMATH, inline="always", error_model="numpy")
+def _dz_row(doutr, carr, dhr, dcr, gr, ar, cpr, dzr, H, act, rec, one, sixth):
+    """Gradients of one unmasked row at one step, in simple vectorisable loops.
+
+    doutr, carr: [H] output gradient and carried masked-output gradient (carr zeroed)
+    dhr, dcr: [H] in: gradient wrt the state after the step; out: dc wrt the state
+              before it (dhr is left holding dL/dh of the step, overwritten later)
+    gr: [4H] gate activations;  ar: [H] act(c);  cpr: [H] c before the step
+    dzr: [4H] written: gradient wrt the pre-activations
+    """
+    for j in range(H):
+        dhr[j] = doutr[j] + carr[j] + dhr[j]
+        carr[j] = 0
+    if act == ACT_TANH and rec == ACT_SIGMOID:
+        for j in range(H):
+            a = ar[j]
+            o = gr[3 * H + j]
+            dcr[j] = dcr[j] + dhr[j] * o * (one - a * a)
+            dzr[3 * H + j] = dhr[j] * a * (o * (one - o))
+        for j in range(H):
+            i = gr[j]
+            f = gr[H + j]
+            g = gr[2 * H + j]
+            dcn = dcr[j]
+            dzr[j] = dcn * g * (i * (one - i))
+            dzr[H + j] = dcn * cpr[j] * (f * (one - f))
+            dzr[2 * H + j] = dcn * i * (one - g * g)
+            dcr[j] = dcn * f
+    else:
+        for j in range(H):
+            a = ar[j]
+            o = gr[3 * H + j]
+            dcr[j] = dcr[j] + dhr[j] * o * act_grad(act, a, one, sixth)
+            dzr[3 * H + j] = dhr[j] * a * act_grad(rec, o, one, sixth)
+        for j in range(H):
+            i = gr[j]
+            f = gr[H + j]
+            g = gr[2 * H + j]
+            dcn = dcr[j]
+            dzr[j] = dcn * g * act_grad(rec, i, one, sixth)
+            dzr[H + j] = dcn * cpr[j] * act_grad(rec, f, one, sixth)
+            dzr[2 * H + j] = dcn * i * act_grad(act, g, one, sixth)
+            dcr[j] = dcn * f
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+def lstm_train_backward(dout, UT, mask, nact, reverse, gates, actc, cprev, dz, dh, dc,
+                        carry, dhu, zero_output, act, rec):
+    """Backward recurrence (backpropagation through time).  All arrays C-contiguous.
+
+    dout:  [T, B, H] gradient of the loss wrt the outputs ``out`` of lstm_train_forward,
+           input-time order (zeros where an output is not used)
+    UT:    [4H, H] the recurrent kernel transposed (U.T, an F-contiguous view)
+    mask:  [T, B] uint8, input-time order
+    nact:  [T] as in lstm_train_forward
+    reverse: 1 when the forward pass ran with reverse
+    gates, actc, cprev: [T, B, 4H], [T, B, H], [T, B, H] as saved by lstm_train_forward
+    dz:    [T, B, 4H] written: gradient wrt the gate pre-activations (zero at masked steps)
+    dh, dc: [B, H] in: gradient wrt the final state; out: gradient wrt the initial state
+    carry: [B, H] zeros in; gradient flowing along the chain of masked outputs
+    dhu:   [B, H] scratch for dz U^T
+    zero_output, act, rec: as in lstm_train_forward
+    """
+    T, B, G = dz.shape
+    H = G // 4
+    one = dz.dtype.type(1)
+    sixth = dz.dtype.type(1.0 / 6.0)
+    for s in range(T - 1, -1, -1):
+        t = T - 1 - s if reverse else s
+        n = nact[t]
+        for r in range(B):
+            if r < n and mask[t, r] != 0:
+                _dz_row(dout[t, r], carry[r], dh[r], dc[r], gates[t, r], actc[t, r],
+                        cprev[t, r], dz[t, r], H, act, rec, one, sixth)
+            else:
+                for j in range(G):
+                    dz[t, r, j] = 0
+                if zero_output:
+                    for j in range(H):
+                        carry[r, j] = 0
+                else:
+                    for j in range(H):
+                        carry[r, j] += dout[t, r, j]
+        if n > 0:
+            np.dot(dz[t, :n], UT, dhu[:n])
+        for r in range(n):
+            if mask[t, r] != 0:
+                for j in range(H):
+                    dh[r, j] = dhu[r, j]

@@ -1,0 +1,172 @@
+"""fastseq.optimizers apply the update Keras 3's optimizers apply to the same gradients:
+Adam, SGD (momentum, nesterov), clipping by norm / global norm / value, weight decay,
+sparse (row) gradients as TensorFlow's IndexedSlices, configs read from Keras."""
+import numpy as np
+import pytest
+
+import keras  # a test dependency: fail loudly if it is missing, never skip
+import tensorflow as tf
+
+from fastseq import optimizers
+from fastseq.optimizers import SparseRows
+
+SHAPES = [(5, 8), (8,), (3, 4)]
+
+
+def _weights(rng, dtype):
+    return [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+
+
+def _grads(rng, dtype, scale=1.0):
+    return [(scale * rng.standard_normal(s)).astype(dtype) for s in SHAPES]
+
+
+def _run_both(keras_opt, mine, dtype, steps=5, scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    w0 = _weights(rng, dtype)
+    kv = [keras.Variable(w, dtype=dtype) for w in w0]
+    ws = [w.copy() for w in w0]
+    for _ in range(steps):
+        g = _grads(rng, dtype, scale)
+        keras_opt.apply([tf.constant(a) for a in g], kv)
+        mine.apply(g, ws)
+    return [v.numpy() for v in kv], ws
+
+
+TOL = {"float32": (1e-6, 1e-5), "float64": (1e-13, 1e-12)}
+
+CASES = {
+    "adam": (lambda: keras.optimizers.Adam(), lambda: optimizers.Adam()),
+    "adam_custom": (lambda: keras.optimizers.Adam(0.01, beta_1=0.8, beta_2=0.99,
+                                                  epsilon=1e-5, amsgrad=True),
+                    lambda: optimizers.Adam(0.01, beta_1=0.8, beta_2=0.99, epsilon=1e-5,
+                                            amsgrad=True)),
+    "adam_weight_decay": (lambda: keras.optimizers.Adam(weight_decay=0.1),
+                          lambda: optimizers.Adam(weight_decay=0.1)),
+    "sgd": (lambda: keras.optimizers.SGD(), lambda: optimizers.SGD()),
+    "sgd_momentum": (lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+                     lambda: optimizers.SGD(0.1, momentum=0.9)),
+    "sgd_nesterov": (lambda: keras.optimizers.SGD(0.05, momentum=0.7, nesterov=True),
+                     lambda: optimizers.SGD(0.05, momentum=0.7, nesterov=True)),
+    "clipnorm": (lambda: keras.optimizers.Adam(clipnorm=0.5),
+                 lambda: optimizers.Adam(clipnorm=0.5)),
+    "global_clipnorm": (lambda: keras.optimizers.SGD(0.1, momentum=0.5,
+                                                     global_clipnorm=1.0),
+                        lambda: optimizers.SGD(0.1, momentum=0.5, global_clipnorm=1.0)),
+    "clipvalue": (lambda: keras.optimizers.Adam(clipvalue=0.3),
+                  lambda: optimizers.Adam(clipvalue=0.3)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_step_parity_with_keras(case, dtype):
+    make_keras, make_mine = CASES[case]
+    kopt = make_keras()
+    want, got = _run_both(kopt, make_mine(), dtype, steps=6, scale=2.0)
+    atol, rtol = TOL[dtype]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+def test_clipping_is_active():
+    """The clipping cases above change the update (they test something)."""
+    rng = np.random.default_rng(0)
+    g = _grads(rng, "float64", scale=5.0)
+    for kw in ({"clipnorm": 0.5}, {"clipvalue": 0.3}, {"global_clipnorm": 1.0}):
+        w1 = _weights(np.random.default_rng(1), "float64")
+        w2 = [w.copy() for w in w1]
+        optimizers.SGD(0.1, **kw).apply(g, w1)
+        optimizers.SGD(0.1).apply(g, w2)
+        assert not all(np.allclose(a, b) for a, b in zip(w1, w2)), kw
+
+
+@pytest.mark.parametrize("kw", [{}, {"clipnorm": 0.05}, {"clipvalue": 0.02},
+                                {"global_clipnorm": 0.1}])
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_sparse_rows_like_indexed_slices(kind, kw):
+    """Row gradients with repeated indices behave as TensorFlow's IndexedSlices do in
+    Keras's optimizers (clipping on the rows, Adam's v from squared rows)."""
+    rng = np.random.default_rng(3)
+    V, E = 6, 3
+    w0 = rng.standard_normal((V, E)).astype(np.float32)
+    d0 = rng.standard_normal((4, 2)).astype(np.float32)
+    kv = [keras.Variable(w0), keras.Variable(d0)]
+    mine = [w0.copy(), d0.copy()]
+    if kind == "adam":
+        kopt, opt = keras.optimizers.Adam(0.01, **kw), optimizers.Adam(0.01, **kw)
+    else:
+        kopt = keras.optimizers.SGD(0.1, momentum=0.9, **kw)
+        opt = optimizers.SGD(0.1, momentum=0.9, **kw)
+    for _ in range(4):
+        idx = rng.integers(0, V, size=8)
+        idx[:3] = 2  # duplicates
+        rows = (0.1 * rng.standard_normal((8, E))).astype(np.float32)
+        dg = (0.1 * rng.standard_normal((4, 2))).astype(np.float32)
+        kopt.apply([tf.IndexedSlices(tf.constant(rows), tf.constant(idx),
+                                     tf.constant([V, E])), tf.constant(dg)], kv)
+        opt.apply([SparseRows(idx, rows, (V, E)), dg], mine)
+    for a, v in zip(mine, kv):
+        np.testing.assert_allclose(a, v.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_rows_to_dense():
+    sr = SparseRows([1, 1, 3], np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), (4, 2))
+    np.testing.assert_array_equal(sr.to_dense(), [[0, 0], [4, 6], [0, 0], [5, 6]])
+    np.testing.assert_array_equal(sr.to_dense(square=True),
+                                  [[0, 0], [10, 20], [0, 0], [25, 36]])
+    with pytest.raises(ValueError, match="SparseRows"):
+        SparseRows([0, 1], np.zeros((3, 2)), (4, 2))
+
+
+def test_from_keras_reads_the_config():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(0.003, beta_1=0.8, epsilon=1e-6,
+                                                  clipnorm=1.5), loss="mse")
+    opt = optimizers.from_keras(model)
+    assert isinstance(opt, optimizers.Adam)
+    assert (opt.learning_rate, opt.beta_1, opt.beta_2, opt.epsilon, opt.clipnorm) == \
+        pytest.approx((0.003, 0.8, 0.999, 1e-6, 1.5))
+    sgd = optimizers.from_keras(keras.optimizers.SGD(0.2, momentum=0.5, nesterov=True))
+    assert isinstance(sgd, optimizers.SGD)
+    assert (sgd.learning_rate, sgd.momentum, sgd.nesterov) == \
+        pytest.approx((0.2, 0.5, True))
+    with pytest.raises(ValueError, match="not supported"):
+        optimizers.from_keras(keras.optimizers.RMSprop())
+    sched = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)
+    with pytest.raises(ValueError, match="schedule"):
+        optimizers.from_keras(keras.optimizers.Adam(sched))
+
+
+def test_defaults_are_keras_defaults():
+    k, m = keras.optimizers.Adam(), optimizers.Adam()
+    assert (m.learning_rate, m.beta_1, m.beta_2, m.epsilon, m.amsgrad) == pytest.approx(
+        (float(k.learning_rate.numpy()), k.beta_1, k.beta_2, k.epsilon, k.amsgrad))
+    k, m = keras.optimizers.SGD(), optimizers.SGD()
+    assert (m.learning_rate, m.momentum, m.nesterov) == pytest.approx(
+        (float(k.learning_rate.numpy()), k.momentum, k.nesterov))
+
+
+def test_get_and_errors():
+    assert isinstance(optimizers.get("adam"), optimizers.Adam)
+    assert isinstance(optimizers.get("SGD"), optimizers.SGD)
+    opt = optimizers.get({"class_name": "Adam", "config": {"learning_rate": 0.5}})
+    assert opt.learning_rate == 0.5
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optimizers.get("adagrad")
+    with pytest.raises(ValueError, match="only one of"):
+        optimizers.Adam(clipnorm=1.0, clipvalue=1.0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        optimizers.SGD(-1.0)
+    with pytest.raises(ValueError, match="beta_1"):
+        optimizers.Adam(beta_1=1.5)
+    opt = optimizers.Adam()
+    w = [np.zeros(3, np.float32)]
+    with pytest.raises(ValueError, match="shape"):
+        opt.apply([np.zeros(4, np.float32)], w)
+    opt.apply([np.ones(3, np.float32)], w)
+    assert opt.iterations == 1
+    with pytest.raises(ValueError, match="differ"):
+        opt.apply([np.ones(2, np.float32)], [np.zeros(2, np.float32)])
+    with pytest.raises(ValueError, match="no gradients"):
+        opt.apply([None], w)
