@@ -13,6 +13,7 @@ import numba
 
 _state = {"n": None, "pool": None, "blas": None}
 _lock = threading.Lock()
+_local = threading.local()   # .single: this thread runs fastseq calls on itself only
 
 
 def set_num_threads(n):
@@ -31,7 +32,9 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """Threads the CPU kernels use now."""
+    """Threads the CPU kernels use now (1 inside ``run_pair``'s two tasks)."""
+    if getattr(_local, "single", False):
+        return 1
     n = _state["n"]
     return numba.config.NUMBA_NUM_THREADS if n is None else n
 
@@ -47,6 +50,42 @@ def split(n_rows, macs_per_row=0):
     return [(i * n_rows // k, (i + 1) * n_rows // k) for i in range(k)]
 
 
+def _pool(workers):
+    with _lock:
+        pool = _state["pool"]
+        if pool is None or pool._max_workers < workers:
+            pool = _state["pool"] = ThreadPoolExecutor(
+                max_workers=max(workers, numba.config.NUMBA_NUM_THREADS - 1),
+                thread_name_prefix="fastseq")
+    return pool
+
+
+def _single(fn):
+    def run(*args):
+        old = getattr(_local, "single", False)
+        _local.single = True
+        try:
+            return fn(*args)
+        finally:
+            _local.single = old
+    return run
+
+
+def run_pair(fa, fb):
+    """Run two independent tasks at once (e.g. the two directions of a Bidirectional
+    layer), each on one thread, when two threads are allowed; else one after the other.
+    Returns (fa(), fb())."""
+    if get_num_threads() < 2:
+        return fa(), fb()
+    with _blas_single_thread():
+        future = _pool(1).submit(_single(fb))
+        try:
+            a = _single(fa)()
+        finally:
+            b = future.result()
+    return a, b
+
+
 def run_blocks(fn, blocks):
     """Run ``fn(lo, hi)`` for every block, the first on this thread, the rest on the pool.
     BLAS is kept to one thread meanwhile: each block's thread does its own GEMMs, and a
@@ -56,12 +95,7 @@ def run_blocks(fn, blocks):
         with _blas_single_thread():
             fn(*blocks[0])
         return
-    with _lock:
-        pool = _state["pool"]
-        if pool is None or pool._max_workers < len(blocks) - 1:
-            pool = _state["pool"] = ThreadPoolExecutor(
-                max_workers=numba.config.NUMBA_NUM_THREADS - 1,
-                thread_name_prefix="fastseq")
+    pool = _pool(len(blocks) - 1)
     with _blas_single_thread():
         futures = [pool.submit(fn, lo, hi) for lo, hi in blocks[1:]]
         try:

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import special
 
 from . import _validate
+from ._threads import run_pair
 from .ops import DENSE_ACTIVATIONS, LSTM_ACTIVATIONS, dense, lstm, lstm_dense
 
 __all__ = ["from_keras", "Model"]
@@ -174,8 +175,14 @@ class Bidirectional(Layer):
                 f"{self.forward_layer!r}, {self.backward_layer!r}>")
 
     def forward(self, x, mask, device="auto"):
-        y, _ = self.forward_layer.forward(x, mask, device)
-        y_rev, _ = self.backward_layer.forward(x, mask, device)
+        fwd, bwd = self.forward_layer, self.backward_layer
+        if _validate.resolve_device("Bidirectional", device, x) == "cpu":
+            # the two directions on two threads at once
+            (y, _), (y_rev, _) = run_pair(lambda: fwd.forward(x, mask, device),
+                                          lambda: bwd.forward(x, mask, device))
+        else:
+            y, _ = fwd.forward(x, mask, device)
+            y_rev, _ = bwd.forward(x, mask, device)
         y, y_rev = self._cast(y), self._cast(y_rev)
         if self.return_sequences:
             y_rev = np.ascontiguousarray(y_rev[:, ::-1])
