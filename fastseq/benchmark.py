@@ -670,6 +670,9 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, file=sys.stderr, unit="call", leave=False, dynamic_ncols=True)
 
 
+PAUSE_S = 0.1  # idle time before each timed sample (see run_benchmark)
+
+
 def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repeats: int = 7,
                   warmup: int = 2, quick: bool = False, seed: int = 0,
                   threads: int | None = None, c4_model=None, progress: bool = True,
@@ -710,7 +713,7 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
                                     "tokens": wl.n_tokens, "batches": len(wl.inputs)}
         rows = {p: {"config": cname, "provider": p, "status": "ok"} for p in providers}
         runners, outputs, times = {}, {}, {p: [] for p in providers}
-        n_runs = {}
+        n_runs, n_inner = {}, {}
         steps_per_provider = 1 + warmup + repeats
         for p in providers:
             missing = provider_missing(p)
@@ -739,6 +742,9 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
                     warm_s = time.perf_counter() - t0
                     bar.update(1)
                 n_runs[p] = min(repeats, max(3, int(budget_s / max(warm_s, 1e-9))))
+                # a timed sample is the mean of back-to-back calls lasting ~20 ms, so
+                # sub-millisecond calls are not timed one by one
+                n_inner[p] = max(1, int(0.02 / max(warm_s, 1e-9)))
                 bar.update(repeats - n_runs[p])
             except Exception as exc:  # a provider failing is a result, not a crash
                 rows[p]["status"] = f"error: {type(exc).__name__}: {exc}"[:300]
@@ -753,9 +759,13 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
             now = [p for p in live if n_runs[p] > r]
             k = r % max(len(now), 1)
             for p in now[k:] + now[:k]:
+                # let the previous provider's worker threads stop spinning first (TF,
+                # PyTorch and ONNX Runtime pools spin-wait for a while after a call)
+                time.sleep(PAUSE_S)
                 t0 = time.perf_counter()
-                runners[p]()
-                times[p].append((time.perf_counter() - t0) * 1e3)
+                for _ in range(n_inner[p]):
+                    runners[p]()
+                times[p].append((time.perf_counter() - t0) * 1e3 / n_inner[p])
                 bar.update(1)
         # The reference: Keras predict_on_batch (computed here when it was not timed).
         ref = outputs.get("keras")
@@ -833,7 +843,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{name}: {c['description']}; {c['flops'] / 1e9:.3g} GFLOP per pass")
     lines.append(f"median of up to {report['repeats']} timed runs (column 'runs'; fewer when "
                  f"a call takes over {report.get('budget_s', 0) / report['repeats']:.3g} s) "
-                 f"after {report['warmup']} warm-up runs; 'first ms': the first call "
+                 f"after {report['warmup']} warm-up runs, the providers interleaved, each "
+                 f"timed sample after a {PAUSE_S:g} s pause and averaged over back-to-back "
+                 f"calls lasting ~20 ms; 'first ms': the first call "
                  f"(compilation/tracing); 'x fastseq' = median / fastseq median (>1: slower "
                  f"than fastseq); 'max abs diff' to keras predict_on_batch")
     head = ["config", "provider", "median ms", "runs", "first ms", "x fastseq",

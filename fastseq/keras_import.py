@@ -31,7 +31,7 @@ from scipy import special
 
 from . import _validate
 from ._threads import run_pair
-from .ops import DENSE_ACTIVATIONS, LSTM_ACTIVATIONS, dense, lstm, lstm_dense
+from .ops import DENSE_ACTIVATIONS, LSTM_ACTIVATIONS, _lstm_args, dense, lstm, lstm_dense
 
 __all__ = ["from_keras", "Model"]
 
@@ -77,6 +77,7 @@ class Layer:
         self.name = name                # the Keras layer's name
         self.keras_class = keras_class  # e.g. "LSTM", "TimeDistributed(Dense)"
         self.dtype = np.dtype(dtype)    # float32 or float64
+        self._dev = None                # weights uploaded to the GPU (Model._upload)
 
     def forward(self, x, mask, device="auto"):
         raise NotImplementedError
@@ -135,12 +136,28 @@ class LSTM(Layer):
         self.recurrent_activation = recurrent_activation
 
     def forward(self, x, mask, device="auto"):
+        if self._dev is not None and _on_cuda(device, x):
+            return self._forward_cuda(x, mask), (mask if self.return_sequences else None)
         y = lstm(self._cast(x), self.kernel, self.recurrent_kernel, self.bias, mask=mask,
                  return_sequences=self.return_sequences, go_backwards=self.go_backwards,
                  zero_output_for_mask=self.zero_output_for_mask,
                  activation=self.activation,
                  recurrent_activation=self.recurrent_activation, device=device)
         return y, (mask if self.return_sequences else None)
+
+    def _forward_cuda(self, x, mask):
+        """The GPU path with the weights uploaded once per model (``Model._upload``)."""
+        from . import _cuda
+        a = _lstm_args("lstm", self._cast(x), self.kernel, self.recurrent_kernel,
+                       self.bias, None, mask, self.return_sequences, self.go_backwards,
+                       self.zero_output_for_mask, self.activation,
+                       self.recurrent_activation, "cuda")
+        return _cuda.lstm_cuda(*a["arrays"], **a["flags"], weights=self._dev)[0]
+
+    def upload(self):
+        from . import _cuda
+        self._dev = _cuda.upload_lstm_weights(self.kernel, self.recurrent_kernel,
+                                              self.bias, dtype=self.dtype)
 
     def forward_dense(self, x, mask, dense_layer, device="auto"):
         """This layer (with return_sequences) followed by ``dense_layer`` in one pass
@@ -212,11 +229,32 @@ class Dense(Layer):
 
     def forward(self, x, mask, device="auto"):
         fused = self.activation in DENSE_ACTIVATIONS
-        y = dense(self._cast(x), self.kernel, self.bias,
-                  activation=self.activation if fused else None, device=device)
+        if self._dev is not None and _on_cuda(device, x):
+            from . import _cuda
+            y = _cuda.dense_cuda(self._cast(x), self.kernel, self.bias,
+                                 self.activation if fused else None, weights=self._dev)
+        else:
+            y = dense(self._cast(x), self.kernel, self.bias,
+                      activation=self.activation if fused else None, device=device)
         if not fused:
             y = self._cast(NUMPY_ACTIVATIONS[self.activation](y))
         return y, mask
+
+
+    def upload(self):
+        from . import _cuda
+        self._dev = _cuda.upload_dense_weights(self.kernel, self.bias, dtype=self.dtype)
+
+    def argmax_cuda(self, x):
+        """argmax over the last axis of this layer's output, on the GPU, without
+        writing the probabilities (for a monotonic activation)."""
+        from . import _cuda
+        return _cuda.argmax_dense_cuda(self._cast(x), self.kernel, self.bias,
+                                       self.activation, weights=self._dev)
+
+
+def _on_cuda(device, x):
+    return _validate.resolve_device("Model", device, x) == "cuda"
 
 
 class Identity(Layer):
@@ -305,7 +343,21 @@ class Model:
         return np.concatenate(parts, axis=0)
 
     def predict_classes(self, x, batch_size=None):
-        """argmax over the last axis of ``predict(x)`` (per output for a list)."""
+        """argmax over the last axis of ``predict(x)`` (per output for a list).  On the
+        GPU, a final Dense with a monotonic activation runs a fused argmax kernel that
+        never writes the probabilities."""
+        last = self.layers[-1]
+        if (self.device == "cuda" and type(last) is Dense and len(self.layers) > 1
+                and last.activation in ("softmax", "log_softmax", "linear", "sigmoid",
+                                        "tanh")):
+            x = self._check_input(x)
+            self._upload()
+            step = len(x) if batch_size is None else int(batch_size)
+            parts = []
+            for i in range(0, len(x), max(1, step)):
+                h = self._forward(x[i:i + step], layers=self.layers[:-1])
+                parts.append(np.asarray(_to_host(last.argmax_cuda(h))))
+            return np.concatenate(parts, axis=0)
         y = self.predict(x, batch_size)
         if isinstance(y, list):
             return [np.argmax(t, axis=-1) for t in y]
@@ -367,14 +419,30 @@ class Model:
         from . import training
         return training.save(self, path, metadata)
 
-    def _forward(self, x):
+    def _upload(self):
+        """Upload the LSTM/Dense weights to the GPU once per weights version (training
+        and ``set_weights`` bump ``_weights_version``)."""
+        version = getattr(self, "_weights_version", 0)
+        if getattr(self, "_uploaded_version", None) == version:
+            return
+        for layer in self.layers:
+            parts = ([layer.forward_layer, layer.backward_layer]
+                     if type(layer) is Bidirectional else [layer])
+            for part in parts:
+                if type(part) in (LSTM, Dense):
+                    part.upload()
+        self._uploaded_version = version
+
+    def _forward(self, x, layers=None):
+        if self.device == "cuda":
+            self._upload()
         mask = None
-        layers = self.layers
+        layers = self.layers if layers is None else layers
         i = 0
         while i < len(layers):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if type(layer) is LSTM and layer.fuses_with(nxt):
+            if type(layer) is LSTM and layer.fuses_with(nxt) and layer._dev is None:
                 # LSTM -> Dense tagger head: one pass, no [B, T, H] intermediate
                 x, mask = layer.forward_dense(x, mask, nxt, self.device)
                 i += 2
@@ -418,6 +486,14 @@ class Model:
 
 
 # --- import -----------------------------------------------------------------------------
+def _to_host(a):
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    if hasattr(a, "get"):  # CuPy
+        return a.get()
+    return a
+
+
 def from_keras(keras_model, device="auto"):
     """A fastseq ``Model`` holding NumPy copies of ``keras_model``'s weights, whose
     ``predict`` returns what ``keras_model.predict`` returns.  ``device`` ('auto', 'cpu'

@@ -746,6 +746,7 @@ def set_weights(model, weights):
             raise ValueError(f"set_weights: weight {i} must have shape {m.shape}, got "
                              f"{w.shape}")
         m[...] = w
+    _weights_changed(model)
 
 
 def to_keras(model, keras_model):
@@ -797,11 +798,17 @@ def _compiled(model, fn):
     return st
 
 
+def _weights_changed(model):
+    """Tell the model its weights changed in place (a GPU copy must be re-uploaded)."""
+    model._weights_version = getattr(model, "_weights_version", 0) + 1
+
+
 def train_on_batch(model, x, y, sample_weight=None):
     """One optimizer step on the batch; returns the loss before the step (as Keras)."""
     st = _compiled(model, "train_on_batch")
     loss, grads, _, plan = _loss_and_grads(model, x, y, sample_weight, "train_on_batch")
     st["optimizer"].apply(grads, plan.weights())
+    _weights_changed(model)
     return loss
 
 
@@ -885,6 +892,7 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None,
             scale = 1.0 / denom if denom > 0 else 0.0
             stats, grads = _run(plan, xb, yb, w, mask, scale, True)
             opt.apply(grads, weights)
+            _weights_changed(model)
             loss = stats[0] * scale
             total += loss * len(xb)
             n += len(xb)
