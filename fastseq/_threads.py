@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 
+from . import config
+
 _state = {"n": None, "pool": None, "blas": None}
 _lock = threading.Lock()
 _local = threading.local()   # .single: this thread runs fastseq calls on itself only
@@ -42,7 +44,6 @@ def get_num_threads():
 def split(n_rows, macs_per_row=0):
     """Contiguous [lo, hi) row blocks, one per thread; a block gets at least
     ``config.MIN_MACS_PER_THREAD`` multiply-adds of work (``macs_per_row`` each row)."""
-    from . import config
     min_rows = 1
     if macs_per_row > 0:
         min_rows = max(1, -(-config.MIN_MACS_PER_THREAD // macs_per_row))

@@ -2,11 +2,12 @@
 expected and what was received, so a user never sees a Numba typing error."""
 import numpy as np
 
+from ._cuda import is_device_array as _is_dev  # imports no CUDA module
+
 
 def is_device_array(a):
     """True for CuPy / Numba device arrays (anything with ``__cuda_array_interface__``,
     and the CUDA simulator's arrays).  Imports no CUDA module."""
-    from ._cuda import is_device_array as _is_dev
     return _is_dev(a)
 
 
