@@ -1,0 +1,68 @@
+"""Start-up costs of fastseq, each measured in a fresh process:
+
+* ``import fastseq``;
+* the first ``Model.predict`` (C2-sized LSTM -> Dense(softmax) tagger) minus a later one,
+  with the compiled-kernel cache warm (Numba ``cache=True``, in ``__pycache__``);
+* the same with a cold cache (a fresh, empty ``NUMBA_CACHE_DIR``): the compile time.
+
+    python bench/startup.py [--runs 3]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = r'''
+import time, json
+t0 = time.perf_counter()
+import fastseq
+t1 = time.perf_counter()
+import numpy as np
+from fastseq.ops import lstm_dense
+B, T, D, H, K = 32, 100, 128, 256, 50
+rng = np.random.default_rng(0)
+x = rng.standard_normal((B, T, D)).astype(np.float32)
+W = (rng.standard_normal((D, 4 * H)) * .1).astype(np.float32)
+U = (rng.standard_normal((H, 4 * H)) * .1).astype(np.float32)
+b = np.zeros(4 * H, np.float32)
+Wd = (rng.standard_normal((H, K)) * .1).astype(np.float32)
+bd = np.zeros(K, np.float32)
+t2 = time.perf_counter(); lstm_dense(x, W, U, b, Wd, bd, "softmax"); t3 = time.perf_counter()
+lstm_dense(x, W, U, b, Wd, bd, "softmax"); t4 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_s": t3 - t2, "later_s": t4 - t3}))
+'''
+
+
+def run(env):
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
+                         env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=3)
+    args = p.parse_args(argv)
+    env = dict(os.environ)
+    run(env)  # make sure the default cache is warm
+    warm = [run(env) for _ in range(args.runs)]
+    cold = []
+    for _ in range(args.runs):
+        with tempfile.TemporaryDirectory() as d:
+            cold.append(run(dict(env, NUMBA_CACHE_DIR=d)))
+
+    def med(rows, key):
+        return sorted(r[key] for r in rows)[len(rows) // 2]
+
+    print(f"import fastseq:                          {med(warm, 'import_s'):.3f} s")
+    print(f"first predict - later one (warm cache):  "
+          f"{med(warm, 'first_s') - med(warm, 'later_s'):.3f} s")
+    print(f"first predict - later one (cold cache):  "
+          f"{med(cold, 'first_s') - med(cold, 'later_s'):.3f} s  (compilation)")
+    print(f"later predict (C2 size):                 {med(warm, 'later_s') * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
