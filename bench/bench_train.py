@@ -61,37 +61,8 @@ def keras_step(V, sizes, weights):
 
 def torch_step(V, sizes, weights):
     import torch
-    from torch import nn
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-    E, H, K = sizes
-    emb, fk, fr, fb, bk, br, bb, dk, db = [np.asarray(w, np.float32) for w in weights]
-
-    class Tagger(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(V, E)
-            self.lstm = nn.LSTM(E, H, batch_first=True, bidirectional=True)
-            self.dense = nn.Linear(2 * H, K)
-
-        def forward(self, ids, lengths):
-            packed = pack_padded_sequence(self.emb(ids), lengths, batch_first=True,
-                                          enforce_sorted=False)
-            y, _ = self.lstm(packed)
-            y, _ = pad_packed_sequence(y, batch_first=True, total_length=ids.shape[1])
-            return self.dense(y)
-
-    mod = Tagger()
-    with torch.no_grad():
-        mod.emb.weight.copy_(torch.from_numpy(emb))
-        for sfx, (k, r, b) in (("", (fk, fr, fb)), ("_reverse", (bk, br, bb))):
-            getattr(mod.lstm, "weight_ih_l0" + sfx).copy_(torch.from_numpy(k.T.copy()))
-            getattr(mod.lstm, "weight_hh_l0" + sfx).copy_(torch.from_numpy(r.T.copy()))
-            getattr(mod.lstm, "bias_ih_l0" + sfx).copy_(torch.from_numpy(b))
-            getattr(mod.lstm, "bias_hh_l0" + sfx).zero_()
-        mod.dense.weight.copy_(torch.from_numpy(dk.T.copy()))
-        mod.dense.bias.copy_(torch.from_numpy(db))
-    opt = torch.optim.Adam(mod.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
-    lossf = nn.CrossEntropyLoss(reduction="sum")
+    from fastseq.tagger import torch_tagger
+    mod, opt, lossf = torch_tagger(V, sizes, weights, 1e-3)
 
     def step(ids, tags, mask):
         ids_t = torch.from_numpy(ids.astype(np.int64))

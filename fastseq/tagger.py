@@ -195,11 +195,13 @@ def run_keras(train, dev, test, vocab, weights, args, sizes):
     return res
 
 
-def run_torch(train, dev, test, vocab, weights, args, sizes):
+def torch_tagger(V, sizes, weights, lr):
+    """The same tagger in PyTorch (nn.Embedding, bidirectional nn.LSTM over packed
+    sequences, Linear), initialised with the Keras-order ``weights``; returns the module,
+    an Adam optimizer with Keras's defaults and a summed cross-entropy."""
     import torch
     from torch import nn
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-    V = len(vocab)
     E, H, K = sizes
     emb, fk, fr, fb, bk, br, bb, dk, db = [np.asarray(w, np.float32) for w in weights]
 
@@ -227,8 +229,13 @@ def run_torch(train, dev, test, vocab, weights, args, sizes):
             getattr(mod.lstm, "bias_hh_l0" + sfx).zero_()
         mod.dense.weight.copy_(torch.from_numpy(dk.T.copy()))
         mod.dense.bias.copy_(torch.from_numpy(db))
-    opt = torch.optim.Adam(mod.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-7)
-    lossf = nn.CrossEntropyLoss(reduction="sum")
+    opt = torch.optim.Adam(mod.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
+    return mod, opt, nn.CrossEntropyLoss(reduction="sum")
+
+
+def run_torch(train, dev, test, vocab, weights, args, sizes):
+    import torch
+    mod, opt, lossf = torch_tagger(len(vocab), sizes, weights, args.lr)
 
     def lengths_of(ids):
         return torch.from_numpy(np.maximum((ids != 0).sum(axis=1), 1).astype(np.int64))

@@ -49,22 +49,9 @@ import numpy as np
 from numba import cuda
 from numba import types as nbt
 
-# Activation codes: same numbers as fastseq.kernels.activations.ACTIVATION_CODES.
-ACT_LINEAR = 0
-ACT_TANH = 1
-ACT_SIGMOID = 2
-ACT_HARD_SIGMOID = 3
-ACT_RELU = 4
-ACT_SOFTSIGN = 5
-
-ACTIVATION_CODES = {
-    "linear": ACT_LINEAR,
-    "tanh": ACT_TANH,
-    "sigmoid": ACT_SIGMOID,
-    "hard_sigmoid": ACT_HARD_SIGMOID,
-    "relu": ACT_RELU,
-    "softsign": ACT_SOFTSIGN,
-}
+# Activation codes shared with the CPU kernels (one table for both backends).
+from .activations import (ACTIVATION_CODES, ACT_HARD_SIGMOID, ACT_LINEAR,  # noqa: E402,F401
+                          ACT_RELU, ACT_SIGMOID, ACT_SOFTSIGN, ACT_TANH)
 
 # Register tiles over batch rows that the glue uses.
 RBB_CHOICES = (1, 4)
