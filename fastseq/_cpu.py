@@ -62,9 +62,10 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
 
     K = 0 if ep is None else ep[0].shape[1]
     blocks = split(B, macs_per_row=T * (D * G + H * G + H * K))
+    Ub = block_columns(U)
 
     def run(lo, hi):
-        _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output_for_mask,
+        _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output_for_mask,
                    act, rec, ep)
 
     run_blocks(run, blocks)
@@ -78,7 +79,19 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
     return last, h, c
 
 
-def _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec, ep):
+def block_columns(U):
+    """U [H, 4H] as [nb, H, JB]: blocks of JB = config.FUSED_BLOCK_COLUMNS columns, each
+    contiguous, for the fused kernel (one block, a view, when 4H <= JB or JB does not
+    divide 4H)."""
+    H, G = U.shape
+    JB = int(config.FUSED_BLOCK_COLUMNS)
+    if G <= JB or G % JB:
+        return U.reshape(1, H, G)
+    return np.ascontiguousarray(U.reshape(H, G // JB, JB).transpose(1, 0, 2))
+
+
+def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec,
+               ep):
     """All time steps for rows lo:hi (runs on one thread)."""
     _, T, D = xs.shape
     H = U.shape[0]
@@ -90,6 +103,8 @@ def _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec, 
     use_gemm = rows * H * G >= config.GEMM_MIN_STEP_MACS
     write = out is not None
     zu = np.empty((rows, G), dt)
+    z3 = zu.reshape(Ub.shape[0], rows, Ub.shape[2])   # the fused kernel's blocked view
+    zrow = np.empty(G, dt)
     # flat buffers sized for a full chunk; a shorter last chunk uses their heads, which
     # are contiguous too (nothing is reallocated)
     xin_buf = np.empty(rows * Tc * D, dt)     # contiguous copy of the chunk's inputs
@@ -124,7 +139,7 @@ def _lstm_rows(xs, W, U, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec, 
                 lstm_cpu.lstm_step_pointwise(zu, xw, s, b, hb, cb, sb, mc, oc, write,
                                              zero_output, act, rec)
         else:
-            lstm_cpu.lstm_chunk_fused(xw, U, b, hb, cb, sb, mc, zu, oc, write,
+            lstm_cpu.lstm_chunk_fused(xw, Ub, b, hb, cb, sb, mc, z3, zrow, oc, write,
                                       zero_output, act, rec)
         if ep is not None:
             np.matmul(hseq.reshape(rows * n, H), ep[0], out=ybuf)

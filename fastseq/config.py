@@ -38,10 +38,14 @@ CHUNK_BYTES = 1 << 20
 # Multiply-adds of one step's recurrent product h U for a thread's block of rows
 # (rows * H * 4H) from which that product runs as a BLAS GEMM called from Python each
 # step; below it the fused Numba kernel computes it and loops over the steps itself (no
-# Python between steps).  Measured on a 2-core EPYC: the fused kernel is as fast or
-# faster up to 16 x 256 x 1024 (and avoids two threads contending for the GIL per step),
-# BLAS twice as fast at 64 x 512 x 2048.
-GEMM_MIN_STEP_MACS = 8_000_000
+# Python between steps).  With U cut into column blocks the fused kernel ran at
+# 79-89 GFLOP/s against OpenBLAS's 63-87 for 16-64 rows and H = 128-512
+# (bench/gemm_rates.py), so BLAS is kept only for very large blocks.
+GEMM_MIN_STEP_MACS = 100_000_000
+# Columns of U per block in the fused kernel: a 4-row z tile plus four rows of a block
+# (32 * 256 bytes in float32) stay in L1.  bench/gemm_rates.py: 16 x 256 rows x H went
+# from 50 to 74 GFLOP/s with blocks of 256.
+FUSED_BLOCK_COLUMNS = 256
 # Work (multiply-adds) below which a call runs on one thread: handing rows to the pool
 # and back costs tens of microseconds, more than small problems take.
 MIN_MACS_PER_THREAD = 2_000_000

@@ -9,7 +9,8 @@ forces each of them through ``fastseq.config`` (read at call time):
 * ``gemm``         - GEMM_MIN_STEP_MACS = 0: every block takes the per-step BLAS GEMM
                      (h @ U) + pointwise kernel path.
 * ``fused-chunks`` - fused path with CHUNK_BYTES = 1: one time step per chunk, so the
-                     state/mask/"seen" bookkeeping is carried across many chunks.
+                     state/mask/"seen" bookkeeping is carried across many chunks, and
+                     FUSED_BLOCK_COLUMNS = 4: U cut into H column blocks.
 * ``gemm-chunks``  - GEMM path with CHUNK_BYTES = 1.
 """
 import numpy as np
@@ -39,6 +40,8 @@ def cpu_path(request, monkeypatch):
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     if chunk is not None:
         monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
+        # and U cut into blocks of 4 columns in the fused kernel (nb = H blocks)
+        monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", 4)
     return request.param
 
 

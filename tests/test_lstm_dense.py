@@ -26,6 +26,8 @@ def cpu_path(request, monkeypatch):
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     if chunk is not None:
         monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
+        # and U cut into blocks of 4 columns in the fused kernel (nb = H blocks)
+        monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", 4)
     return request.param
 
 

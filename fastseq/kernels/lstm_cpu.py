@@ -57,114 +57,122 @@ def _emit(out, b, s, hrow, H, write, on, seen_b, zero_output):
                 out[b, s, j] = 0.0
 
 
-@njit(**NJIT_INLINE_OPTS)
-def _init_z(z, xw, r, s, b, G):
-    for j in range(G):
-        z[j] = xw[r, s, j] + b[j]
-
-
 @njit(**NJIT_OPTS)
-def lstm_chunk_fused(xw, U, b, h, c, seen, mask, z, out, write_out, zero_output, act,
-                     rec):
+def lstm_chunk_fused(xw, Ub, b, h, c, seen, mask, z3, zrow, out, write_out, zero_output,
+                     act, rec):
     """Run the recurrence over one chunk of steps for a block of rows (one thread),
     the product h U computed here (no BLAS call, no Python between steps).
 
     xw:   [Bp, Tc, 4H] input projection x W of the chunk, in processing order
-    U:    [H, 4H] recurrent kernel
+    Ub:   [nb, H, JB] the recurrent kernel U [H, 4H] cut into nb blocks of JB columns,
+          each block contiguous (nb * JB = 4H): a block's rows stay in L1 with the z tile
     b:    [4H] bias (zeros when the layer has none)
     h, c: [Bp, H] state of the rows, updated in place
     seen: [Bp] uint8, updated in place (row has had an unmasked step)
     mask: [Bp, Tc] uint8 (1 = step is computed); all ones when there is no mask
-    z:    [Bp, 4H] scratch for the pre-activations
+    z3:   [nb, Bp, JB] scratch for the pre-activations, blocked like Ub
+    zrow: [4H] scratch: one row's pre-activations gathered for the gates
     out:  [Bp, Tc, H] outputs of the chunk (written when write_out)
 
-    Rows go four at a time through z += h U with k unrolled by four: each pass over z
-    loads four rows of U and does sixteen multiply-adds per element of z (measured
-    60-75 GFLOP/s on one EPYC core for 16-32 rows x H = 128, close to OpenBLAS);
+    Rows go four at a time through z += h U with k unrolled by four: each pass over a
+    z block loads four rows of U and does sixteen multiply-adds per element (measured
+    70-80 GFLOP/s on one EPYC core for 16-32 rows, H = 128-256, bench/gemm_rates.py);
     leftover rows go one at a time.
     """
     Bp, Tc, G = xw.shape
     H = G // 4
+    nb, _, JB = Ub.shape
     R4 = Bp - Bp % 4
     for s in range(Tc):
-        for r in range(0, R4, 4):
-            z0 = z[r]
-            z1 = z[r + 1]
-            z2 = z[r + 2]
-            z3 = z[r + 3]
-            _init_z(z0, xw, r, s, b, G)
-            _init_z(z1, xw, r + 1, s, b, G)
-            _init_z(z2, xw, r + 2, s, b, G)
-            _init_z(z3, xw, r + 3, s, b, G)
-            k = 0
-            while k + 4 <= H:
-                a0 = h[r, k]
-                a1 = h[r + 1, k]
-                a2 = h[r + 2, k]
-                a3 = h[r + 3, k]
-                e0 = h[r, k + 1]
-                e1 = h[r + 1, k + 1]
-                e2 = h[r + 2, k + 1]
-                e3 = h[r + 3, k + 1]
-                f0 = h[r, k + 2]
-                f1 = h[r + 1, k + 2]
-                f2 = h[r + 2, k + 2]
-                f3 = h[r + 3, k + 2]
-                g0 = h[r, k + 3]
-                g1 = h[r + 1, k + 3]
-                g2 = h[r + 2, k + 3]
-                g3 = h[r + 3, k + 3]
-                u0 = U[k]
-                u1 = U[k + 1]
-                u2 = U[k + 2]
-                u3 = U[k + 3]
-                for j in range(G):
-                    p = u0[j]
-                    q = u1[j]
-                    v = u2[j]
-                    w = u3[j]
-                    z0[j] += (a0 * p + e0 * q) + (f0 * v + g0 * w)
-                    z1[j] += (a1 * p + e1 * q) + (f1 * v + g1 * w)
-                    z2[j] += (a2 * p + e2 * q) + (f2 * v + g2 * w)
-                    z3[j] += (a3 * p + e3 * q) + (f3 * v + g3 * w)
-                k += 4
-            while k < H:
-                u0 = U[k]
-                a0 = h[r, k]
-                a1 = h[r + 1, k]
-                a2 = h[r + 2, k]
-                a3 = h[r + 3, k]
-                for j in range(G):
-                    p = u0[j]
-                    z0[j] += a0 * p
-                    z1[j] += a1 * p
-                    z2[j] += a2 * p
-                    z3[j] += a3 * p
-                k += 1
-        for r in range(R4, Bp):
-            zr = z[r]
-            hrow = h[r]
-            _init_z(zr, xw, r, s, b, G)
-            k = 0
-            while k + 4 <= H:
-                h0 = hrow[k]
-                h1 = hrow[k + 1]
-                h2 = hrow[k + 2]
-                h3 = hrow[k + 3]
-                for j in range(G):
-                    zr[j] += (h0 * U[k, j] + h1 * U[k + 1, j]
-                              + h2 * U[k + 2, j] + h3 * U[k + 3, j])
-                k += 4
-            while k < H:
-                hk = hrow[k]
-                for j in range(G):
-                    zr[j] += hk * U[k, j]
-                k += 1
-        # gates and state update (all rows read h above before any row writes it)
+        for blk in range(nb):
+            Uk = Ub[blk]
+            zb = z3[blk]
+            j0 = blk * JB
+            for r in range(Bp):
+                zr = zb[r]
+                for j in range(JB):
+                    zr[j] = xw[r, s, j0 + j] + b[j0 + j]
+            for r in range(0, R4, 4):
+                z0 = zb[r]
+                z1 = zb[r + 1]
+                z2 = zb[r + 2]
+                z3r = zb[r + 3]
+                k = 0
+                while k + 4 <= H:
+                    a0 = h[r, k]
+                    a1 = h[r + 1, k]
+                    a2 = h[r + 2, k]
+                    a3 = h[r + 3, k]
+                    e0 = h[r, k + 1]
+                    e1 = h[r + 1, k + 1]
+                    e2 = h[r + 2, k + 1]
+                    e3 = h[r + 3, k + 1]
+                    f0 = h[r, k + 2]
+                    f1 = h[r + 1, k + 2]
+                    f2 = h[r + 2, k + 2]
+                    f3 = h[r + 3, k + 2]
+                    g0 = h[r, k + 3]
+                    g1 = h[r + 1, k + 3]
+                    g2 = h[r + 2, k + 3]
+                    g3 = h[r + 3, k + 3]
+                    u0 = Uk[k]
+                    u1 = Uk[k + 1]
+                    u2 = Uk[k + 2]
+                    u3 = Uk[k + 3]
+                    for j in range(JB):
+                        p = u0[j]
+                        q = u1[j]
+                        v = u2[j]
+                        w = u3[j]
+                        z0[j] += (a0 * p + e0 * q) + (f0 * v + g0 * w)
+                        z1[j] += (a1 * p + e1 * q) + (f1 * v + g1 * w)
+                        z2[j] += (a2 * p + e2 * q) + (f2 * v + g2 * w)
+                        z3r[j] += (a3 * p + e3 * q) + (f3 * v + g3 * w)
+                    k += 4
+                while k < H:
+                    u0 = Uk[k]
+                    a0 = h[r, k]
+                    a1 = h[r + 1, k]
+                    a2 = h[r + 2, k]
+                    a3 = h[r + 3, k]
+                    for j in range(JB):
+                        p = u0[j]
+                        z0[j] += a0 * p
+                        z1[j] += a1 * p
+                        z2[j] += a2 * p
+                        z3r[j] += a3 * p
+                    k += 1
+            for r in range(R4, Bp):
+                zr = zb[r]
+                k = 0
+                while k + 4 <= H:
+                    h0 = h[r, k]
+                    h1 = h[r, k + 1]
+                    h2 = h[r, k + 2]
+                    h3 = h[r, k + 3]
+                    u0 = Uk[k]
+                    u1 = Uk[k + 1]
+                    u2 = Uk[k + 2]
+                    u3 = Uk[k + 3]
+                    for j in range(JB):
+                        zr[j] += (h0 * u0[j] + h1 * u1[j]) + (h2 * u2[j] + h3 * u3[j])
+                    k += 4
+                while k < H:
+                    hk = h[r, k]
+                    u0 = Uk[k]
+                    for j in range(JB):
+                        zr[j] += hk * u0[j]
+                    k += 1
+        # gates and state update (every row read h above before any row writes it)
         for r in range(Bp):
             on = mask[r, s] != 0
             if on:
-                _cell_row(z[r], h[r], c[r], H, act, rec)
+                for blk in range(nb):
+                    zr = z3[blk, r]
+                    j0 = blk * JB
+                    for j in range(JB):
+                        zrow[j0 + j] = zr[j]
+                _cell_row(zrow, h[r], c[r], H, act, rec)
                 seen[r] = 1
             _emit(out, r, s, h[r], H, write_out, on, seen[r] != 0, zero_output)
 
