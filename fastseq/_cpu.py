@@ -25,7 +25,7 @@ def chunk_steps(rows, G, itemsize, T):
 
 
 def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
-                 zero_output_for_mask, act, rec, epilogue=None):
+                 zero_output_for_mask, act, rec, epilogue=None, table=None):
     """x [B, T, D], W [D, 4H], U [H, 4H], b [4H], h0/c0 [B, H] or None, mask [B, T]
     bool or None.  Returns (output, h, c): output is [B, T, H] (processing order) with
     return_sequences, else the last output [B, H].
@@ -33,11 +33,16 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
     epilogue: optional (Wd [H, K], bd [K], activation name): with return_sequences the
     Dense is applied to each chunk of outputs as it is produced and the output is
     [B, T, K]; the [B, T, H] sequence is never stored.
+
+    table: optional [V, 4H] = embeddings @ W for an LSTM fed by an Embedding; then ``x``
+    is the token ids [B, T] and the input projection of a step is a row lookup (exact:
+    (E W)[id] = E[id] W), and W is not used.
     """
-    B, T, D = x.shape
+    B, T = x.shape[:2]
+    D = 0 if table is not None else x.shape[2]
     H = U.shape[0]
     G = 4 * H
-    dt = x.dtype
+    dt = U.dtype
     h = np.zeros((B, H), dt) if h0 is None else h0.copy()
     c = np.zeros((B, H), dt) if c0 is None else c0.copy()
     if epilogue is not None and not return_sequences:
@@ -66,7 +71,7 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
 
     def run(lo, hi):
         _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output_for_mask,
-                   act, rec, ep)
+                   act, rec, ep, table)
 
     run_blocks(run, blocks)
     if return_sequences:
@@ -91,12 +96,13 @@ def block_columns(U):
 
 
 def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec,
-               ep):
+               ep, table=None):
     """All time steps for rows lo:hi (runs on one thread)."""
-    _, T, D = xs.shape
+    T = xs.shape[1]
+    D = 0 if table is not None else xs.shape[2]
     H = U.shape[0]
     G = 4 * H
-    dt = xs.dtype
+    dt = U.dtype
     rows = hi - lo
     hb, cb, sb = h[lo:hi], c[lo:hi], seen[lo:hi]
     Tc = chunk_steps(rows, G, dt.itemsize, T)
@@ -122,8 +128,11 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
         if ep is not None:
             hseq = hseq_buf[:rows * n * H].reshape(rows, n, H)
             ybuf = y_buf[:rows * n * K].reshape(rows * n, K)
-        xin[...] = xs[lo:hi, s0:s0 + n]
-        np.matmul(xin.reshape(rows * n, D), W, out=xw.reshape(rows * n, G))
+        if table is None:
+            xin[...] = xs[lo:hi, s0:s0 + n]
+            np.matmul(xin.reshape(rows * n, D), W, out=xw.reshape(rows * n, G))
+        else:
+            np.take(table, xs[lo:hi, s0:s0 + n], axis=0, out=xw)
         mc = ones[:rows * n].reshape(rows, n) if m8 is None else m8[lo:hi, s0:s0 + n]
         if not mc.flags.c_contiguous:
             mc = np.ascontiguousarray(mc)

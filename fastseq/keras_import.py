@@ -29,7 +29,7 @@ Each layer computes in float64 when its Keras compute dtype is float64, else in 
 import numpy as np
 from scipy import special
 
-from . import _validate
+from . import _cpu, _validate
 from ._threads import run_pair
 from .ops import DENSE_ACTIVATIONS, LSTM_ACTIVATIONS, _lstm_args, dense, lstm, lstm_dense
 
@@ -170,6 +170,34 @@ class LSTM(Layer):
                        recurrent_activation=self.recurrent_activation, device=device)
         return y, mask
 
+    def forward_table(self, ids, mask, embedding, version, dense_layer=None):
+        """The LSTM fed by ``embedding`` on the CPU: the input projection of token ``i``
+        is row ``i`` of the table (embeddings @ kernel), [V, 4H], built once per weights
+        version; exact, since (E W)[i] = E[i] W.  With ``dense_layer`` the Dense runs on
+        each chunk of outputs (as in ``forward_dense``)."""
+        key = (id(embedding.embeddings), version)
+        if getattr(self, "_table_key", None) != key:
+            self._table = np.matmul(embedding.embeddings.astype(self.dtype, copy=False),
+                                    self.kernel)
+            self._table_key = key
+        U = self.recurrent_kernel
+        b = self.bias if self.bias is not None else np.zeros(U.shape[1], self.dtype)
+        ep = None
+        if dense_layer is not None:
+            K = dense_layer.kernel.shape[1]
+            bd = (dense_layer.bias if dense_layer.bias is not None
+                  else np.zeros(K, self.dtype))
+            ep = (dense_layer.kernel, bd, dense_layer.activation)
+        m = None if mask is None else np.ascontiguousarray(mask, dtype=bool)
+        out = _cpu.lstm_forward(
+            ids, None, U, b, None, None, m, go_backwards=self.go_backwards,
+            return_sequences=self.return_sequences,
+            zero_output_for_mask=self.zero_output_for_mask,
+            act=LSTM_ACTIVATIONS[self.activation],
+            rec=LSTM_ACTIVATIONS[self.recurrent_activation], epilogue=ep,
+            table=self._table)[0]
+        return out
+
     def fuses_with(self, layer):
         """True when ``forward_dense`` can run this layer and the Dense ``layer``."""
         return (self.return_sequences and type(layer) is Dense
@@ -200,6 +228,17 @@ class Bidirectional(Layer):
         else:
             y, _ = fwd.forward(x, mask, device)
             y_rev, _ = bwd.forward(x, mask, device)
+        return self._merge(y, y_rev, mask)
+
+    def forward_table(self, ids, mask, embedding, version):
+        """Fed by ``embedding``: both directions look their input projections up in
+        (embeddings @ W) tables instead of multiplying (see ``LSTM.forward_table``)."""
+        fwd, bwd = self.forward_layer, self.backward_layer
+        y, y_rev = run_pair(lambda: fwd.forward_table(ids, mask, embedding, version),
+                            lambda: bwd.forward_table(ids, mask, embedding, version))
+        return self._merge(y, y_rev, mask)[0]
+
+    def _merge(self, y, y_rev, mask):
         y, y_rev = self._cast(y), self._cast(y_rev)
         if self.return_sequences:
             y_rev = np.ascontiguousarray(y_rev[:, ::-1])
@@ -419,6 +458,18 @@ class Model:
         from . import training
         return training.save(self, path, metadata)
 
+    def _table_path(self, x, layers):
+        if len(layers) < 2 or type(layers[0]) is not Embedding:
+            return False
+        rnn = layers[1]
+        if type(rnn) not in (LSTM, Bidirectional) or rnn.dtype != layers[0].dtype:
+            return False
+        if _validate.resolve_device("Model", self.device, x) != "cpu":
+            return False
+        inner = ([rnn.forward_layer, rnn.backward_layer] if type(rnn) is Bidirectional
+                 else [rnn])
+        return all(type(r) is LSTM and r.dtype == rnn.dtype for r in inner)
+
     def _upload(self):
         """Upload the LSTM/Dense weights to the GPU once per weights version (training
         and ``set_weights`` bump ``_weights_version``)."""
@@ -439,6 +490,20 @@ class Model:
         mask = None
         layers = self.layers if layers is None else layers
         i = 0
+        if self._table_path(x, layers):
+            # Embedding -> LSTM / Bidirectional(LSTM) on the CPU: projection by lookup
+            emb, rnn = layers[0], layers[1]
+            version = getattr(self, "_weights_version", 0)
+            ids = np.ascontiguousarray(x, dtype=np.int64)
+            mask = (ids != 0) if emb.mask_zero else None
+            nxt = layers[2] if len(layers) > 2 else None
+            if type(rnn) is LSTM and rnn.fuses_with(nxt):
+                x = rnn.forward_table(ids, mask, emb, version, dense_layer=nxt)
+                i = 3
+            else:
+                x = rnn.forward_table(ids, mask, emb, version)
+                mask = mask if rnn.return_sequences else None
+                i = 2
         while i < len(layers):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
