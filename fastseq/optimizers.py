@@ -459,7 +459,6 @@ class SGD(Optimizer):
         return {"m": np.zeros_like(v)} if self.momentum != 0 else {}
 
     def _update(self, i, g, v, step):
-        dt = v.dtype.type
         lr = _cast(self.learning_rate, v.dtype)
         if isinstance(g, SparseRows):
             g = g.to_dense(v.dtype)

@@ -1,5 +1,4 @@
 """The ``fastseq`` command line (bench, validate) and the benchmark's building blocks."""
-import importlib.util
 import json
 import os
 import re

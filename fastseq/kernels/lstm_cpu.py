@@ -10,7 +10,6 @@ output (zeros before the first unmasked step of a row), or zero with
 ``zero_output_for_mask``.  ``seen[b]`` records whether row ``b`` has had an unmasked step,
 so "previous output" is ``h`` when ``seen`` and zero otherwise.
 """
-import numpy as np
 from numba import njit
 
 from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
