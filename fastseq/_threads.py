@@ -72,11 +72,12 @@ def _single(fn):
     return run
 
 
-def run_pair(fa, fb):
+def run_pair(fa, fb, macs=None):
     """Run two independent tasks at once (e.g. the two directions of a Bidirectional
-    layer), each on one thread, when two threads are allowed; else one after the other.
-    Returns (fa(), fb())."""
-    if get_num_threads() < 2:
+    layer), each on one thread, when two threads are allowed and each task has at least
+    ``config.MIN_MACS_PER_THREAD`` multiply-adds of work (``macs``, when known); else one
+    after the other.  Returns (fa(), fb())."""
+    if get_num_threads() < 2 or (macs is not None and macs < config.MIN_MACS_PER_THREAD):
         return fa(), fb()
     with _blas_single_thread():
         future = _pool(1).submit(_single(fb))

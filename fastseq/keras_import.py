@@ -170,6 +170,13 @@ class LSTM(Layer):
                        recurrent_activation=self.recurrent_activation, device=device)
         return y, mask
 
+    def macs(self, shape):
+        """Multiply-adds of a pass over input of ``shape`` [B, T, D] (D = 0: the input
+        projection is a table lookup)."""
+        B, T, D = (tuple(shape) + (0, 0, 0))[:3]
+        G = self.recurrent_kernel.shape[1]
+        return B * T * G * (D + self.recurrent_kernel.shape[0])
+
     def forward_table(self, ids, mask, embedding, version, dense_layer=None):
         """The LSTM fed by ``embedding`` on the CPU: the input projection of token ``i``
         is row ``i`` of the table (embeddings @ kernel), [V, 4H], built once per weights
@@ -224,7 +231,8 @@ class Bidirectional(Layer):
         if _validate.resolve_device("Bidirectional", device, x) == "cpu":
             # the two directions on two threads at once
             (y, _), (y_rev, _) = run_pair(lambda: fwd.forward(x, mask, device),
-                                          lambda: bwd.forward(x, mask, device))
+                                          lambda: bwd.forward(x, mask, device),
+                                          fwd.macs(np.shape(x)))
         else:
             y, _ = fwd.forward(x, mask, device)
             y_rev, _ = bwd.forward(x, mask, device)
@@ -235,7 +243,8 @@ class Bidirectional(Layer):
         (embeddings @ W) tables instead of multiplying (see ``LSTM.forward_table``)."""
         fwd, bwd = self.forward_layer, self.backward_layer
         y, y_rev = run_pair(lambda: fwd.forward_table(ids, mask, embedding, version),
-                            lambda: bwd.forward_table(ids, mask, embedding, version))
+                            lambda: bwd.forward_table(ids, mask, embedding, version),
+                            fwd.macs(ids.shape[:2] + (0,)))
         return self._merge(y, y_rev, mask)[0]
 
     def _merge(self, y, y_rev, mask):

@@ -67,3 +67,38 @@ def test_table_follows_weight_changes():
     model.set_weights(new)
     diff = np.abs(fm.predict(ids) - model.predict(ids, verbose=0)).max()
     assert diff <= config.KERAS_PARITY_ATOL, diff
+
+
+@pytest.mark.parametrize("case", ["bi_concat", "bi_sum_last"])
+def test_bidirectional_directions_on_two_threads(case, monkeypatch):
+    """Tiny models run their two directions one after the other; with the work
+    threshold at 1 they run on two threads at once (run_pair), same result."""
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    import fastseq._threads as th
+    calls = []
+    real = th._single
+
+    def spy(fn):
+        calls.append(fn)
+        return real(fn)
+
+    monkeypatch.setattr(th, "_single", spy)
+    model = CASES[case]()
+    ids = _ids()
+    diff = np.abs(fastseq.from_keras(model).predict(ids)
+                  - model.predict(ids, verbose=0)).max()
+    assert diff <= config.KERAS_PARITY_ATOL, diff
+    if fastseq.get_num_threads() >= 2:
+        assert len(calls) == 2      # both directions went through the thread pair
+
+
+def test_bidirectional_on_float_input_two_threads(monkeypatch):
+    """The same without an Embedding (no lookup table): Masking -> Bidirectional."""
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    model = keras.Sequential([keras.Input((None, 3)), keras.layers.Masking(0.0),
+                              keras.layers.Bidirectional(
+                                  keras.layers.LSTM(5, return_sequences=True))])
+    x = np.random.default_rng(2).standard_normal((4, 6, 3)).astype(np.float32)
+    x[0, 4:] = 0
+    diff = np.abs(fastseq.from_keras(model).predict(x) - model.predict(x, verbose=0)).max()
+    assert diff <= config.KERAS_PARITY_ATOL, diff
