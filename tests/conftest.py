@@ -59,3 +59,30 @@ def assert_close():
 def rng():
     """A fresh, seeded generator per test (deterministic, independent of test order)."""
     return np.random.default_rng(1234)
+
+
+# The CPU driver's code paths, forced through fastseq.config (read at call time):
+#   fused        - every block takes the fused Numba kernel (one chunk of steps)
+#   gemm         - every block takes the per-step BLAS GEMM + pointwise kernel
+#   fused-chunks - fused, one time step per chunk, U cut into 4-column blocks
+#   gemm-chunks  - per-step GEMM, one time step per chunk
+# Every path also splits rows across threads even for tiny problems.
+CPU_PATHS = {
+    # name: (GEMM_MIN_STEP_MACS, CHUNK_BYTES or None = leave the default)
+    "fused": (1 << 62, None),
+    "gemm": (0, None),
+    "fused-chunks": (1 << 62, 1),
+    "gemm-chunks": (0, 1),
+}
+
+
+@pytest.fixture(params=list(CPU_PATHS))
+def cpu_path(request, monkeypatch):
+    from fastseq import config
+    gemm_min, chunk = CPU_PATHS[request.param]
+    monkeypatch.setattr(config, "GEMM_MIN_STEP_MACS", gemm_min)
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    if chunk is not None:
+        monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
+        monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", 4)
+    return request.param

@@ -23,26 +23,7 @@ from reference import ref_lstm
 DEVICE = "cpu"
 ACTS = ["tanh", "sigmoid", "hard_sigmoid", "relu", "linear", None, "softsign"]
 
-PATHS = {
-    # name: (GEMM_MIN_STEP_MACS, CHUNK_BYTES or None = leave the default)
-    "fused": (1 << 62, None),
-    "gemm": (0, None),
-    "fused-chunks": (1 << 62, 1),
-    "gemm-chunks": (0, 1),
-}
-
-
-@pytest.fixture(params=list(PATHS))
-def cpu_path(request, monkeypatch):
-    gemm_min, chunk = PATHS[request.param]
-    monkeypatch.setattr(config, "GEMM_MIN_STEP_MACS", gemm_min)
-    # split rows across threads even for tiny problems, so every path runs in blocks
-    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
-    if chunk is not None:
-        monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
-        # and U cut into blocks of 4 columns in the fused kernel (nb = H blocks)
-        monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", 4)
-    return request.param
+# the ``cpu_path`` fixture (tests/conftest.py) forces each CPU path; see the docstring
 
 
 def _data(rng, B, T, D, H, dtype=np.float32, scale=0.5):

@@ -9,26 +9,8 @@ from fastseq import config
 from fastseq.ops import lstm_dense
 from reference import ref_dense, ref_lstm
 
-PATHS = {
-    # name: (GEMM_MIN_STEP_MACS, CHUNK_BYTES or None = default)
-    "fused": (1 << 62, None),          # fused step kernel, one chunk
-    "gemm": (0, None),                 # per-step BLAS GEMM + pointwise kernel
-    "fused-chunks": (1 << 62, 1),      # one step per chunk: epilogue runs per step
-    "gemm-chunks": (0, 1),
-}
-
-
-@pytest.fixture(params=list(PATHS))
-def cpu_path(request, monkeypatch):
-    gemm_min, chunk = PATHS[request.param]
-    monkeypatch.setattr(config, "GEMM_MIN_STEP_MACS", gemm_min)
-    # split rows across threads even for tiny problems, so every path runs in blocks
-    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
-    if chunk is not None:
-        monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
-        # and U cut into blocks of 4 columns in the fused kernel (nb = H blocks)
-        monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", 4)
-    return request.param
+# ``cpu_path`` (tests/conftest.py) forces each CPU path (fused / per-step GEMM, one
+# chunk / one step per chunk with U in 4-column blocks), rows split across threads.
 
 
 def _weights(rng, D, H, K, dtype):
