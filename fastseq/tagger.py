@@ -163,11 +163,8 @@ def run_fastseq(train, dev, test, vocab, weights, args, sizes):
                                                        args.seed, epoch)]
         hist = training.fit(model, bs, epochs=1, shuffle=False,
                             verbose=0 if args.no_progress else 1)
-        res["epoch_time"].append(hist["epoch_time"][0])
-        res["loss"].append(hist["loss"][0])
-        res["dev_accuracy"].append(accuracy(model.predict, dev))
-        _log(f"fastseq epoch {epoch + 1}/{args.epochs}: loss {hist['loss'][0]:.4f}  "
-             f"dev acc {res['dev_accuracy'][-1]:.4f}  {hist['epoch_time'][0]:.1f} s")
+        _end_epoch(res, epoch, args, hist["epoch_time"][0], hist["loss"][0],
+                   accuracy(model.predict, dev))
     res["test_accuracy"] = accuracy(model.predict, test)
     return model, res
 
@@ -186,11 +183,8 @@ def run_keras(train, dev, test, vocab, weights, args, sizes):
         for b in _progress(bs, f"keras epoch {epoch + 1}", args.no_progress):
             total += float(model.train_on_batch(b.ids, b.tags)) * len(b.ids)
             n += len(b.ids)
-        res["epoch_time"].append(time.perf_counter() - t0)
-        res["loss"].append(total / n)
-        res["dev_accuracy"].append(accuracy(predict, dev))
-        _log(f"keras   epoch {epoch + 1}/{args.epochs}: loss {total / n:.4f}  "
-             f"dev acc {res['dev_accuracy'][-1]:.4f}  {res['epoch_time'][-1]:.1f} s")
+        _end_epoch(res, epoch, args, time.perf_counter() - t0, total / n,
+                   accuracy(predict, dev))
     res["test_accuracy"] = accuracy(predict, test)
     return res
 
@@ -262,13 +256,19 @@ def run_torch(train, dev, test, vocab, weights, args, sizes):
             opt.step()
             total += loss.item() * len(b.ids)
             n += len(b.ids)
-        res["epoch_time"].append(time.perf_counter() - t0)
-        res["loss"].append(total / n)
-        res["dev_accuracy"].append(accuracy(predict, dev))
-        _log(f"torch   epoch {epoch + 1}/{args.epochs}: loss {total / n:.4f}  "
-             f"dev acc {res['dev_accuracy'][-1]:.4f}  {res['epoch_time'][-1]:.1f} s")
+        _end_epoch(res, epoch, args, time.perf_counter() - t0, total / n,
+                   accuracy(predict, dev))
     res["test_accuracy"] = accuracy(predict, test)
     return res
+
+
+def _end_epoch(res, epoch, args, seconds, loss, dev_accuracy):
+    """Record one epoch of a framework's run in ``res`` and log it."""
+    res["epoch_time"].append(seconds)
+    res["loss"].append(loss)
+    res["dev_accuracy"].append(dev_accuracy)
+    _log(f"{res['framework']:7s} epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}  "
+         f"dev acc {dev_accuracy:.4f}  {seconds:.1f} s")
 
 
 def _progress(items, desc, disabled):
