@@ -1,11 +1,12 @@
 """Start-up costs of fastseq, each measured in a fresh process:
 
 * ``import fastseq``;
-* the first ``Model.predict`` (C2-sized LSTM -> Dense(softmax) tagger) minus a later one,
+* the first ``lstm_dense`` call (a C2-sized LSTM -> Dense(softmax) tagger, or C1-sized
+  with ``--config C1``, which runs on two threads split by hidden units) minus a later one,
   with the compiled-kernel cache warm (Numba ``cache=True``, in ``__pycache__``);
 * the same with a cold cache (a fresh, empty ``NUMBA_CACHE_DIR``): the compile time.
 
-    python bench/startup.py [--runs 3]
+    python bench/startup.py [--runs 3] [--config C2]
 """
 import argparse
 import json
@@ -15,13 +16,13 @@ import sys
 import tempfile
 
 CHILD = r'''
-import time, json
+import time, json, os
 t0 = time.perf_counter()
 import fastseq
 t1 = time.perf_counter()
 import numpy as np
 from fastseq.ops import lstm_dense
-B, T, D, H, K = 32, 100, 128, 256, 50
+B, T, D, H, K = map(int, os.environ['FASTSEQ_STARTUP_SHAPE'].split(','))
 rng = np.random.default_rng(0)
 x = rng.standard_normal((B, T, D)).astype(np.float32)
 W = (rng.standard_normal((D, 4 * H)) * .1).astype(np.float32)
@@ -35,6 +36,10 @@ print(json.dumps({"import_s": t1 - t0, "first_s": t3 - t2, "later_s": t4 - t3}))
 '''
 
 
+# B, T, D, H, K of the issue's configs
+SHAPES = {"C1": "1,50,64,128,32", "C2": "32,100,128,256,50"}
+
+
 def run(env):
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
                          env=env, check=True)
@@ -44,8 +49,9 @@ def run(env):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--config", choices=sorted(SHAPES), default="C2")
     args = p.parse_args(argv)
-    env = dict(os.environ)
+    env = dict(os.environ, FASTSEQ_STARTUP_SHAPE=SHAPES[args.config])
     run(env)  # make sure the default cache is warm
     warm = [run(env) for _ in range(args.runs)]
     cold = []
@@ -61,7 +67,8 @@ def main(argv=None):
           f"{med(warm, 'first_s') - med(warm, 'later_s'):.3f} s")
     print(f"first predict - later one (cold cache):  "
           f"{med(cold, 'first_s') - med(cold, 'later_s'):.3f} s  (compilation)")
-    print(f"later predict (C2 size):                 {med(warm, 'later_s') * 1e3:.1f} ms")
+    print(f"later predict ({args.config} size):                 "
+          f"{med(warm, 'later_s') * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ chunk while it is in cache.  No [B, T, 4H] buffer is ever held: only [rows, Tc, 
 import numpy as np
 
 from . import config
+from . import _threads
 from ._threads import split, run_blocks
-from .kernels import lstm_cpu, dense_cpu
+from .kernels import lstm_cpu, lstm_split_cpu, dense_cpu, sync_cpu
 from .kernels.activations import ACTIVATION_CODES
 
 _DENSE_CODES = dict(ACTIVATION_CODES)
@@ -66,6 +67,10 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
         ep = (Wd, bd, _DENSE_CODES[name])
 
     K = 0 if ep is None else ep[0].shape[1]
+    if _use_unit_split(B, T, D, H, table, go_backwards):
+        _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output_for_mask,
+                         act, rec)
+        return _finish(out, h, c, seen, m8, T, return_sequences, zero_output_for_mask)
     blocks = split(B, macs_per_row=T * (D * G + H * G + H * K))
     Ub = block_columns(U)
 
@@ -74,6 +79,10 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
                    act, rec, ep, table)
 
     run_blocks(run, blocks)
+    return _finish(out, h, c, seen, m8, T, return_sequences, zero_output_for_mask)
+
+
+def _finish(out, h, c, seen, m8, T, return_sequences, zero_output_for_mask):
     if return_sequences:
         return out, h, c
     # the last output as Keras defines it: the output of the final step
@@ -82,6 +91,49 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
     keep = (m8[:, T - 1] != 0) | ((seen != 0) & (not zero_output_for_mask))
     last = np.where(keep[:, None], h, np.zeros_like(h))
     return last, h, c
+
+
+def _use_unit_split(B, T, D, H, table, go_backwards):
+    """Whether a call runs on two threads split by hidden units (small batches): two
+    threads allowed, at most config.SPLIT_UNITS_MAX_ROWS rows, a step's product h U big
+    enough to be worth a barrier, and enough work in all to pay the hand-off."""
+    if table is not None or go_backwards or H < 2 or B > config.SPLIT_UNITS_MAX_ROWS:
+        return False
+    if _threads.get_num_threads() < 2:
+        return False
+    step = B * H * 4 * H
+    return (step >= config.SPLIT_UNITS_MIN_STEP_MACS
+            and T * B * (D + H) * 4 * H >= 2 * config.MIN_MACS_PER_THREAD)
+
+
+def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec):
+    """The whole sequence on two threads, each owning half of the hidden units
+    (kernels/lstm_split_cpu.py); h, c, seen and out are updated in place."""
+    B, T, D = x.shape
+    H = U.shape[0]
+    dt = U.dtype
+    Tc = chunk_steps(B, 4 * H, dt.itemsize, T)
+    mask = np.ones((B, T), np.uint8) if m8 is None else m8
+    hbuf = np.empty((2, B, H), dt)
+    hbuf[0] = h
+    if ep is not None:
+        Wd, bd, code = ep
+        mode = lstm_split_cpu.OUT_EPILOGUE
+        seqbuf = np.empty((B, Tc, H), dt)
+        ybuf = np.empty((2, B * Tc, Wd.shape[1]), dt)
+    else:
+        Wd, bd, code = np.zeros((1, 1), dt), np.zeros(1, dt), 0
+        mode = lstm_split_cpu.OUT_NONE if out is None else lstm_split_cpu.OUT_SEQUENCE
+        seqbuf = np.empty((1, 1, 1), dt)
+        ybuf = np.empty((2, 1, 1), dt)
+    o = out if out is not None else np.empty((1, 1, 1), dt)
+    scratch = np.empty((3, lstm_split_cpu.scratch_size(B, Tc, D, H)), dt)
+    sync = np.zeros(sync_cpu.SYNC_SIZE, np.int64)
+
+    lstm_split_cpu.lstm_units_split_2(
+        sync, config.SPLIT_CLAIM_SPINS, x, W, U, b, hbuf, c, seen, mask, Tc, scratch,
+        seqbuf, o, mode, Wd, bd, code, ybuf, zero_output, act, rec)
+    h[...] = hbuf[T % 2]
 
 
 def block_columns(U):

@@ -49,5 +49,13 @@ FUSED_BLOCK_COLUMNS = 256
 # Work (multiply-adds) below which a call runs on one thread: handing rows to the pool
 # and back costs tens of microseconds, more than small problems take.
 MIN_MACS_PER_THREAD = 2_000_000
+# Small batches run on two threads split by hidden units, with a spin barrier per step
+# (kernels/lstm_split_cpu.py), when the batch has at most this many rows ...
+SPLIT_UNITS_MAX_ROWS = 4
+# ... and a step's product h U has at least this many multiply-adds (H = 64 at B = 1).
+SPLIT_UNITS_MIN_STEP_MACS = 16_384
+# PAUSE spins (tens of ns each) the calling thread waits for the pool thread to start
+# before it runs the whole job alone (the pool thread may be busy or asleep).
+SPLIT_CLAIM_SPINS = 10_000
 # Rows per chunk in the time-distributed Dense (GEMM + fused activation).
 DENSE_CHUNK_ROWS = 512

@@ -66,22 +66,29 @@ def rng():
 #   gemm         - every block takes the per-step BLAS GEMM + pointwise kernel
 #   fused-chunks - fused, one time step per chunk, U cut into 4-column blocks
 #   gemm-chunks  - per-step GEMM, one time step per chunk
+#   split        - batches of up to 64 rows on two threads split by hidden units, with
+#                  a barrier per step (kernels/lstm_split_cpu.py); other calls fused
+#   split-chunks - the same, one time step per chunk
 # Every path also splits rows across threads even for tiny problems.
 CPU_PATHS = {
-    # name: (GEMM_MIN_STEP_MACS, CHUNK_BYTES or None = leave the default)
-    "fused": (1 << 62, None),
-    "gemm": (0, None),
-    "fused-chunks": (1 << 62, 1),
-    "gemm-chunks": (0, 1),
+    # name: (GEMM_MIN_STEP_MACS, CHUNK_BYTES or None = leave the default, unit split)
+    "fused": (1 << 62, None, False),
+    "gemm": (0, None, False),
+    "fused-chunks": (1 << 62, 1, False),
+    "gemm-chunks": (0, 1, False),
+    "split": (1 << 62, None, True),
+    "split-chunks": (1 << 62, 1, True),
 }
 
 
 @pytest.fixture(params=list(CPU_PATHS))
 def cpu_path(request, monkeypatch):
     from fastseq import config
-    gemm_min, chunk = CPU_PATHS[request.param]
+    gemm_min, chunk, unit_split = CPU_PATHS[request.param]
     monkeypatch.setattr(config, "GEMM_MIN_STEP_MACS", gemm_min)
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    monkeypatch.setattr(config, "SPLIT_UNITS_MAX_ROWS", 64 if unit_split else 0)
+    monkeypatch.setattr(config, "SPLIT_UNITS_MIN_STEP_MACS", 0)
     if chunk is not None:
         monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
         monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", 4)

@@ -12,6 +12,11 @@ forces each of them through ``fastseq.config`` (read at call time):
                      state/mask/"seen" bookkeeping is carried across many chunks, and
                      FUSED_BLOCK_COLUMNS = 4: U cut into H column blocks.
 * ``gemm-chunks``  - GEMM path with CHUNK_BYTES = 1.
+* ``split``        - batches of up to 64 rows run on two threads, each owning half of
+                     the hidden units, with a barrier per step (go_backwards calls
+                     take the fused path); ``tests/test_lstm_split.py`` checks that the
+                     split kernel really runs and covers its claim protocol.
+* ``split-chunks`` - the same with one time step per chunk.
 """
 import numpy as np
 import pytest

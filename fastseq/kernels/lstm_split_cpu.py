@@ -1,0 +1,354 @@
+"""Numba CPU kernel: the LSTM recurrence of a small batch on two cores, split by hidden
+units, with a spin barrier per step (Keras gate order i, f, c, o).
+
+At batch 1-4 a step's work is the product h U, which reads all of U [H, 4H] (256 KB at
+H = 128 in float32): on one core that read from L2 bounds the step.  Here part p of two
+threads owns hidden units [u0, u1) = [p H / 2, (p + 1) H / 2): the columns of U, W and b
+of those units' four gates, half of U, so each core reads half of it per step.  Every
+step each part computes its units' gates from the whole previous h, writes its half of
+the new h, and waits at a barrier for the other half (``sync_cpu.barrier``, about
+0.05 us here).  h is double-buffered (step s reads h[s % 2] and writes h[(s + 1) % 2]),
+so one barrier per step is enough.
+
+Each part computes its own columns of the input projection x W for a chunk of steps, so
+no [B, T, 4H] buffer exists.  With a Dense epilogue the chunk's outputs go to a shared
+[B, Tc, H] buffer; after a barrier each part applies the Dense (+ activation) to half
+of the chunk's rows, then a second barrier protects the buffer until both are done.
+
+The same kernel runs alone (``nparts`` = 1, units [0, H)) when the partner thread did
+not start in time (``sync_cpu.claim``).  Masking as in ``lstm_cpu``.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
+from .activations import apply_act, ACT_TANH, ACT_SIGMOID
+from .dense_cpu import bias_act_rows
+from .sync_cpu import barrier, claim
+
+OUT_NONE, OUT_SEQUENCE, OUT_EPILOGUE = 0, 1, 2
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _gemm_acc(A, a0, Bm, Z, z0, M):
+    """Z[z0 + m, j] += sum_k A[a0 + m, k] * Bm[k, j] for m < M.
+
+    A:  [*, Kd]
+    Bm: [Kd, n], C-contiguous (rows are contiguous, so the j loops vectorise)
+    Z:  [*, n]
+    Rows four at a time with k unrolled by four, as in ``lstm_cpu.lstm_chunk_fused``.
+    """
+    n = Z.shape[1]
+    Kd = A.shape[1]
+    M4 = M - M % 4
+    for mm in range(0, M4, 4):
+        m = a0 + mm
+        z0r = Z[z0 + mm]
+        z1r = Z[z0 + mm + 1]
+        z2r = Z[z0 + mm + 2]
+        z3r = Z[z0 + mm + 3]
+        k = 0
+        while k + 4 <= Kd:
+            a_0 = A[m, k]
+            a_1 = A[m + 1, k]
+            a_2 = A[m + 2, k]
+            a_3 = A[m + 3, k]
+            e0 = A[m, k + 1]
+            e1 = A[m + 1, k + 1]
+            e2 = A[m + 2, k + 1]
+            e3 = A[m + 3, k + 1]
+            f0 = A[m, k + 2]
+            f1 = A[m + 1, k + 2]
+            f2 = A[m + 2, k + 2]
+            f3 = A[m + 3, k + 2]
+            g0 = A[m, k + 3]
+            g1 = A[m + 1, k + 3]
+            g2 = A[m + 2, k + 3]
+            g3 = A[m + 3, k + 3]
+            b0 = Bm[k]
+            b1 = Bm[k + 1]
+            b2 = Bm[k + 2]
+            b3 = Bm[k + 3]
+            for j in range(n):
+                p = b0[j]
+                q = b1[j]
+                v = b2[j]
+                w = b3[j]
+                z0r[j] += (a_0 * p + e0 * q) + (f0 * v + g0 * w)
+                z1r[j] += (a_1 * p + e1 * q) + (f1 * v + g1 * w)
+                z2r[j] += (a_2 * p + e2 * q) + (f2 * v + g2 * w)
+                z3r[j] += (a_3 * p + e3 * q) + (f3 * v + g3 * w)
+            k += 4
+        while k < Kd:
+            a_0 = A[m, k]
+            a_1 = A[m + 1, k]
+            a_2 = A[m + 2, k]
+            a_3 = A[m + 3, k]
+            b0 = Bm[k]
+            for j in range(n):
+                p = b0[j]
+                z0r[j] += a_0 * p
+                z1r[j] += a_1 * p
+                z2r[j] += a_2 * p
+                z3r[j] += a_3 * p
+            k += 1
+    for mm in range(M4, M):
+        m = a0 + mm
+        zr = Z[z0 + mm]
+        k = 0
+        while k + 4 <= Kd:
+            a_0 = A[m, k]
+            a_1 = A[m, k + 1]
+            a_2 = A[m, k + 2]
+            a_3 = A[m, k + 3]
+            b0 = Bm[k]
+            b1 = Bm[k + 1]
+            b2 = Bm[k + 2]
+            b3 = Bm[k + 3]
+            for j in range(n):
+                zr[j] += (a_0 * b0[j] + a_1 * b1[j]) + (a_2 * b2[j] + a_3 * b3[j])
+            k += 4
+        while k < Kd:
+            a_0 = A[m, k]
+            b0 = Bm[k]
+            for j in range(n):
+                zr[j] += a_0 * b0[j]
+            k += 1
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _pack_slice(W, U, b, u0, u1, Wp, Up, bp):
+    """Columns of units [u0, u1) of W [D, 4H], U [H, 4H], b [4H], gate by gate, into
+    contiguous Wp [D, 4 Hh], Up [H, 4 Hh], bp [4 Hh] (Hh = u1 - u0)."""
+    H = U.shape[0]
+    Hh = u1 - u0
+    for g in range(4):
+        src = g * H + u0
+        dst = g * Hh
+        # row slices: an index src + j could be negative as far as Numba knows, and
+        # its wraparound check would stop the copies vectorising
+        for k in range(W.shape[0]):
+            wi = W[k, src:src + Hh]
+            wo = Wp[k, dst:dst + Hh]
+            for j in range(Hh):
+                wo[j] = wi[j]
+        for k in range(H):
+            ui = U[k, src:src + Hh]
+            uo = Up[k, dst:dst + Hh]
+            for j in range(Hh):
+                uo[j] = ui[j]
+        bi = b[src:src + Hh]
+        bo = bp[dst:dst + Hh]
+        for j in range(Hh):
+            bo[j] = bi[j]
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _project(x, t0, n, Wp, bp, xw):
+    """xw[r, :n] = x[r, t0:t0 + n] Wp + bp for every row r (xw: [Bp, Tc, 4 Hh])."""
+    for r in range(x.shape[0]):
+        zx = xw[r]
+        for t in range(n):
+            for j in range(bp.shape[0]):
+                zx[t, j] = bp[j]
+        _gemm_acc(x[r], t0, Wp, zx, 0, n)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _step(s, t, u0, Up, xw, z, hc, hn, c, seen, mask, seqbuf, out, out_mode,
+          zero_output, act, rec):
+    """Step s (chunk step t) for units [u0, u0 + Hh) of every row: z = xw + h U, the
+    gates, the new c and h, and the outputs of those units."""
+    Bp, G = z.shape
+    Hh = G // 4
+    for r in range(Bp):
+        for j in range(G):
+            z[r, j] = xw[r, t, j]
+    _gemm_acc(hc, 0, Up, z, 0, Bp)
+    for r in range(Bp):
+        on = mask[r, s] != 0
+        if on:
+            zr = z[r]
+            cr = c[r, u0:u0 + Hh]
+            hr = hn[r, u0:u0 + Hh]
+            if act == ACT_TANH and rec == ACT_SIGMOID:
+                # the common case, written out so the loop vectorises
+                for j in range(Hh):
+                    i = apply_act(ACT_SIGMOID, zr[j])
+                    f = apply_act(ACT_SIGMOID, zr[Hh + j])
+                    gg = apply_act(ACT_TANH, zr[2 * Hh + j])
+                    o = apply_act(ACT_SIGMOID, zr[3 * Hh + j])
+                    cn = f * cr[j] + i * gg
+                    cr[j] = cn
+                    hr[j] = o * apply_act(ACT_TANH, cn)
+            else:
+                for j in range(Hh):
+                    i = apply_act(rec, zr[j])
+                    f = apply_act(rec, zr[Hh + j])
+                    gg = apply_act(act, zr[2 * Hh + j])
+                    o = apply_act(rec, zr[3 * Hh + j])
+                    cn = f * cr[j] + i * gg
+                    cr[j] = cn
+                    hr[j] = o * apply_act(act, cn)
+            seen[r] = 1
+        else:
+            for j in range(Hh):
+                hn[r, u0 + j] = hc[r, u0 + j]
+        if out_mode != OUT_NONE:
+            keep = on or (seen[r] != 0 and not zero_output)
+            if out_mode == OUT_SEQUENCE:
+                for j in range(Hh):
+                    out[r, s, u0 + j] = hn[r, u0 + j] if keep else 0.0
+            else:
+                for j in range(Hh):
+                    seqbuf[r, t, u0 + j] = hn[r, u0 + j] if keep else 0.0
+
+
+@njit(**NJIT_OPTS)
+def lstm_units_split(part, sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, Tc,
+                     scratch, seqbuf, out, out_mode, Wd, bd, dense_code, ybuf,
+                     zero_output, act, rec):
+    """Run all T steps for part ``part`` (0 or 1) of a job; ``lstm_units_split_2``
+    runs both parts on two threads.
+
+    The units are two slices, [0, H // 2) and [H // 2, H).  Part p owns slice p and
+    half of the epilogue's rows.  When the other part does not arrive in time
+    (``sync_cpu.claim``), the part that came does both slices, one after the other,
+    every step (no barrier), and the late part does nothing.
+
+    sync:    int64 [sync_cpu.SYNC_SIZE], zeros at the start (claim word, two epochs)
+    x:       [Bp, T, D] input, processing order, C-contiguous
+    W:       [D, 4H] kernel;  U: [H, 4H] recurrent kernel;  b: [4H] bias
+    hbuf:    [2, Bp, H] h double buffer, hbuf[0] = initial h; on return the final h is
+             hbuf[T % 2]
+    c:       [Bp, H] cell state, updated in place (each part its own units)
+    seen:    [Bp] uint8, updated in place (row has had an unmasked step)
+    mask:    [Bp, T] uint8 (1 = step is computed), processing order
+    Tc:      steps per chunk
+    scratch: [3, n_scratch] float, one row per slice in use: its packed W, U, b, its
+             input projection [Bp, Tc, 4 Hh] and pre-activations [Bp, 4 Hh]
+             (n_scratch = scratch_size(Bp, Tc, D, H)); rows 0 and 1 for parts 0 and 1,
+             row 2 for the second slice of a part running alone
+    seqbuf:  [Bp, Tc, H] shared chunk of outputs (out_mode OUT_EPILOGUE), else unused
+    out:     [Bp, T, H] (OUT_SEQUENCE) or [Bp, T, K] (OUT_EPILOGUE); unused for OUT_NONE
+    Wd, bd:  [H, K], [K] Dense epilogue and its activation code (OUT_EPILOGUE)
+    ybuf:    [2, Bp * Tc, K] scratch for epilogue rows, row p for part p
+    Returns 2 (both parts ran), 1 (this part ran the job alone) or 0 (this part came
+    too late and did nothing).
+    """
+    Bp, T, D = x.shape
+    H = U.shape[0]
+    # each part packs its slice and projects the first chunk before it looks for the
+    # other part (which meanwhile may still be starting)
+    first = min(Tc, T)
+    _prepare(part, part, x, W, U, b, scratch, Tc, first)
+    nparts = claim(sync, part, claim_spins)
+    if nparts == 0:
+        return 0
+    # scratch row of each slice: its own part's row when both run; the part running
+    # alone keeps its row for its slice and uses row 2 for the other one, because the
+    # late part may still be writing its own row before it finds the job taken
+    rows = np.empty(2, np.int64)
+    if nparts == 1:
+        rows[part] = part
+        rows[1 - part] = 2
+        _prepare(1 - part, 2, x, W, U, b, scratch, Tc, first)
+        q_lo, q_hi = 0, 2
+    else:
+        rows[0] = 0
+        rows[1] = 1
+        q_lo, q_hi = part, part + 1
+    epoch = 0
+    for t0 in range(0, T, Tc):
+        n = min(Tc, T - t0)
+        if t0 > 0:
+            for q in range(q_lo, q_hi):
+                Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
+                _project(x, t0, n, Wp, bp, xw)
+        for t in range(n):
+            s = t0 + t
+            hc = hbuf[s % 2]
+            hn = hbuf[(s + 1) % 2]
+            for q in range(q_lo, q_hi):
+                Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
+                _step(s, t, q * (H // 2), Up, xw, z, hc, hn, c, seen, mask, seqbuf,
+                      out, out_mode, zero_output, act, rec)
+            if nparts == 2:
+                epoch += 1
+                barrier(sync, part, epoch)
+        if out_mode == OUT_EPILOGUE:
+            # this part's share of the chunk's rows (r, t) through the Dense
+            R = Bp * n
+            lo = q_lo * R // 2
+            hi = q_hi * R // 2
+            K = Wd.shape[1]
+            yb = ybuf[q_lo]
+            for q in range(hi - lo):
+                for k in range(K):
+                    yb[q, k] = 0.0
+            for r in range(Bp):
+                tlo = max(lo - r * n, 0)
+                thi = min(hi - r * n, n)
+                if tlo < thi:
+                    _gemm_acc(seqbuf[r], tlo, Wd, yb, r * n + tlo - lo, thi - tlo)
+            bias_act_rows(yb[:hi - lo], bd, dense_code)
+            for q in range(lo, hi):
+                r = q // n
+                t = q % n
+                for k in range(K):
+                    out[r, t0 + t, k] = yb[q - lo, k]
+            if nparts == 2:
+                epoch += 1
+                barrier(sync, part, epoch)
+    return nparts
+
+
+@njit(parallel=True, **NJIT_OPTS)
+def lstm_units_split_2(sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, Tc, scratch,
+                       seqbuf, out, out_mode, Wd, bd, dense_code, ybuf, zero_output,
+                       act, rec):
+    """Both parts of ``lstm_units_split`` on Numba's thread pool (arguments as there).
+    Returns the number of parts that ran alongside (2, or 1 when one ran alone)."""
+    ran = np.zeros(2, np.int64)
+    for p in prange(2):
+        ran[p] = lstm_units_split(np.int64(p), sync, claim_spins, x, W, U, b, hbuf, c, seen, mask,
+                                  Tc, scratch, seqbuf, out, out_mode, Wd, bd, dense_code,
+                                  ybuf, zero_output, act, rec)
+    return max(ran[0], ran[1])
+
+
+@njit(**NJIT_INLINE_OPTS)
+def scratch_size(Bp, Tc, D, H):
+    """Floats of one slice's scratch (sized for the larger slice, H - H // 2 units)."""
+    G = 4 * (H - H // 2)
+    return D * G + H * G + G + Bp * Tc * G + Bp * G
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _views(buf, Bp, Tc, D, H, q):
+    """Slice q's packed W, U, b, input projection and pre-activations, views of buf."""
+    Hh = H - H // 2 if q == 1 else H // 2
+    G = 4 * Hh
+    o = 0
+    Wp = buf[o:o + D * G].reshape((D, G))
+    o += D * G
+    Up = buf[o:o + H * G].reshape((H, G))
+    o += H * G
+    bp = buf[o:o + G]
+    o += G
+    xw = buf[o:o + Bp * Tc * G].reshape((Bp, Tc, G))
+    o += Bp * Tc * G
+    z = buf[o:o + Bp * G].reshape((Bp, G))
+    return Wp, Up, bp, xw, z
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _prepare(q, row, x, W, U, b, scratch, Tc, n):
+    """Pack slice q's weights into scratch[row] and project the first chunk (n steps)."""
+    Bp, T, D = x.shape
+    H = U.shape[0]
+    Wp, Up, bp, xw, z = _views(scratch[row], Bp, Tc, D, H, q)
+    u0 = q * (H // 2)
+    u1 = H if q == 1 else H // 2
+    _pack_slice(W, U, b, u0, u1, Wp, Up, bp)
+    _project(x, 0, n, Wp, bp, xw)

@@ -1,0 +1,158 @@
+"""Atomic flags for CPU kernels that run on two threads in lockstep (Numba intrinsics).
+
+Numba has no atomics for CPU code, so these emit LLVM atomic instructions directly:
+``atomic_load`` (acquire), ``atomic_store`` (release) and ``atomic_cas`` (compare and
+swap, sequentially consistent) on an element of an int64 array, ``cpu_pause`` (the x86
+PAUSE spin-loop hint; nothing on other targets) and ``os_yield`` (``sched_yield``).
+
+A release store of a flag after plain stores of data, and an acquire load of the flag
+before plain loads of that data, order them for the compiler and the CPU: a thread that
+sees the flag sees the data.
+
+``sync`` arrays used with these helpers are int64 [3 * SYNC_STRIDE]: slot 0 is the claim
+word, slots SYNC_STRIDE and 2 * SYNC_STRIDE the epoch counters of parts 0 and 1, each on
+its own 64-byte cache line so the two threads do not write the same line.
+"""
+import platform
+
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..config import NJIT_INLINE_OPTS
+
+SYNC_STRIDE = 8            # int64 slots per cache line
+SYNC_SIZE = 3 * SYNC_STRIDE
+# claim word states
+CLAIM_FREE, ARRIVED_0, ARRIVED_1, CLAIM_BOTH, CLAIM_ALONE = 0, 1, 2, 3, 4
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def _item_pointer(context, builder, aty, arr, idx):
+    ary = context.make_array(aty)(context, builder, arr)
+    return cgutils.get_item_pointer(context, builder, aty, ary, [idx])
+
+
+def _check(arr, idx):
+    ok = (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1
+          and isinstance(idx, types.Integer))
+    if not ok:
+        raise TypeError("sync_cpu atomics take (int64[:] array, integer index)")
+
+
+@intrinsic
+def atomic_load(typingctx, arr, idx):
+    """arr[idx] read with acquire ordering."""
+    _check(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, ordering="acquire", align=8)
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def atomic_store(typingctx, arr, idx, val):
+    """arr[idx] = val with release ordering."""
+    _check(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store_atomic(v, ptr, ordering="release", align=8)
+        return context.get_dummy_value()
+    return types.void(arr, idx, val), codegen
+
+
+@intrinsic
+def atomic_cas(typingctx, arr, idx, expected, new):
+    """If arr[idx] == expected set it to new; returns True when it did (seq_cst)."""
+    _check(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        e = context.cast(builder, args[2], sig.args[2], types.int64)
+        n = context.cast(builder, args[3], sig.args[3], types.int64)
+        pair = builder.cmpxchg(ptr, e, n, "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 1)
+    return types.boolean(arr, idx, expected, new), codegen
+
+
+@intrinsic
+def cpu_pause(typingctx):
+    """Spin-loop hint (x86 PAUSE)."""
+    def codegen(context, builder, sig, args):
+        if _X86:
+            fnty = ir.FunctionType(ir.VoidType(), [])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def os_yield(typingctx):
+    """Give the core to another runnable thread (``sched_yield``)."""
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+# spins with PAUSE before a waiting thread starts yielding its core (a few tens of
+# microseconds: the partner is normally a step behind, well under a microsecond)
+SPINS_BEFORE_YIELD = 2000
+
+
+@njit(**NJIT_INLINE_OPTS)
+def wait_at_least(sync, slot, value):
+    """Spin until sync[slot] >= value (PAUSE, then sched_yield after a while)."""
+    spins = 0
+    while atomic_load(sync, slot) < value:
+        if spins < SPINS_BEFORE_YIELD:
+            cpu_pause()
+            spins += 1
+        else:
+            os_yield()
+
+
+@njit(**NJIT_INLINE_OPTS)
+def barrier(sync, part, epoch):
+    """Two-thread barrier: publish this part's epoch, wait for the other part's.
+    Each part calls it with epochs 1, 2, 3, ... in the same order."""
+    atomic_store(sync, (1 + part) * SYNC_STRIDE, epoch)
+    wait_at_least(sync, (2 - part) * SYNC_STRIDE, epoch)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def claim(sync, part, wait_spins):
+    """Decide whether the two parts of a job run together.  Either part may arrive
+    first, on any thread (even the same thread as the other, one after the other):
+
+    - the first to arrive marks itself and waits up to ``wait_spins`` PAUSE spins for
+      the other; if it does not come, the first takes the whole job alone;
+    - the second joins (both run) unless the first has already gone alone, in which
+      case the second must do nothing.
+
+    Returns 2 (both run, in lockstep), 1 (this part runs the whole job alone) or 0
+    (the other part runs it alone; do nothing).  No part ever waits for a partner that
+    has not arrived, so the job cannot deadlock whatever the threads do."""
+    mine = ARRIVED_0 + part
+    other = ARRIVED_0 + 1 - part
+    if atomic_cas(sync, 0, CLAIM_FREE, mine):
+        spins = 0
+        while spins < wait_spins:
+            if atomic_load(sync, 0) == CLAIM_BOTH:
+                return 2
+            cpu_pause()
+            spins += 1
+        if atomic_cas(sync, 0, mine, CLAIM_ALONE):
+            return 1
+        return 2
+    if atomic_cas(sync, 0, other, CLAIM_BOTH):
+        return 2
+    return 0
