@@ -162,6 +162,11 @@ class LSTM(Layer):
     def forward_dense(self, x, mask, dense_layer, device="auto"):
         """This layer (with return_sequences) followed by ``dense_layer`` in one pass
         (``fastseq.ops.lstm_dense``); the mask passes through both."""
+        if device in ("auto", "cpu") and isinstance(x, np.ndarray):
+            # host input on the CPU: the weights were checked at import, so the
+            # argument checks of the public op are skipped (tens of microseconds,
+            # which matter at batch 1)
+            return self._forward_dense_cpu(x, mask, dense_layer), mask
         y = lstm_dense(self._cast(x), self.kernel, self.recurrent_kernel, self.bias,
                        dense_layer.kernel, dense_layer.bias, dense_layer.activation,
                        mask=mask, go_backwards=self.go_backwards,
@@ -169,6 +174,20 @@ class LSTM(Layer):
                        activation=self.activation,
                        recurrent_activation=self.recurrent_activation, device=device)
         return y, mask
+
+    def _forward_dense_cpu(self, x, mask, dense_layer):
+        U = self.recurrent_kernel
+        b = self.bias if self.bias is not None else np.zeros(U.shape[1], self.dtype)
+        K = dense_layer.kernel.shape[1]
+        bd = dense_layer.bias if dense_layer.bias is not None else np.zeros(K, self.dtype)
+        m = None if mask is None else np.ascontiguousarray(mask, dtype=bool)
+        return _cpu.lstm_forward(
+            np.ascontiguousarray(self._cast(x)), self.kernel, U, b, None, None, m,
+            go_backwards=self.go_backwards, return_sequences=True,
+            zero_output_for_mask=self.zero_output_for_mask,
+            act=LSTM_ACTIVATIONS[self.activation],
+            rec=LSTM_ACTIVATIONS[self.recurrent_activation],
+            epilogue=(dense_layer.kernel, bd, dense_layer.activation))[0]
 
     def macs(self, shape):
         """Multiply-adds of a pass over input of ``shape`` [B, T, D] (D = 0: the input
