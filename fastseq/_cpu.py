@@ -208,6 +208,12 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
             out[lo:hi, s0:s0 + n] = ybuf.reshape(rows, n, -1)
 
 
+def bias_act(y2, b, activation):
+    """y2 [N, K] <- activation(y2 + b) in place (activation: a Dense activation name)."""
+    if y2.shape[0]:
+        dense_cpu.bias_act_rows(y2, b, _DENSE_CODES[activation])
+
+
 def dense_forward(x2, W, b, activation):
     """x2 [N, D] @ W [D, K] + b [K], activation fused per chunk of rows.  Returns [N, K]."""
     N = x2.shape[0]

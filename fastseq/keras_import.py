@@ -26,6 +26,8 @@ All LSTM and Dense compute goes through ``fastseq.lstm`` / ``fastseq.dense``; th
 embedding lookup is ``np.take``; merges, masking and stand-alone activations are NumPy.
 Each layer computes in float64 when its Keras compute dtype is float64, else in float32.
 """
+import types
+
 import numpy as np
 from scipy import special
 
@@ -265,6 +267,50 @@ class Bidirectional(Layer):
                             lambda: bwd.forward_table(ids, mask, embedding, version),
                             fwd.macs(ids.shape[:2] + (0,)))
         return self._merge(y, y_rev, mask)[0]
+
+    def fuses_with(self, layer):
+        """True when ``forward_table_dense`` can run this layer and the Dense ``layer``:
+        concat merge, sequences out, and a Dense over the concatenated features."""
+        fwd, bwd = self.forward_layer, self.backward_layer
+        return (self.merge_mode == "concat" and self.return_sequences
+                and fwd.fuses_with(layer) and bwd.fuses_with(layer)
+                and layer.kernel.shape[0] == fwd.recurrent_kernel.shape[0]
+                + bwd.recurrent_kernel.shape[0])
+
+    def forward_table_dense(self, ids, mask, embedding, version, dense_layer):
+        """Fed by ``embedding`` and followed by ``dense_layer``: the Dense of the concat
+        [h_f, h_b] is h_f Wd[:Hf] + h_b Wd[Hf:] + bd, so each direction applies its half
+        of the Dense kernel to each chunk of its outputs (no [B, T, 2H] sequence, no
+        concatenation); the two partial logits are then added, with the bias and the
+        activation, in one pass."""
+        fwd, bwd = self.forward_layer, self.backward_layer
+        halves = self._dense_halves(dense_layer, version)
+        y, y_rev = run_pair(
+            lambda: fwd.forward_table(ids, mask, embedding, version, dense_layer=halves[0]),
+            lambda: bwd.forward_table(ids, mask, embedding, version, dense_layer=halves[1]),
+            fwd.macs(ids.shape[:2] + (0,)))
+        if bwd.go_backwards:
+            y_rev = y_rev[:, ::-1]
+        y += y_rev
+        K = y.shape[-1]
+        bd = (dense_layer.bias if dense_layer.bias is not None
+              else np.zeros(K, self.dtype))
+        _cpu.bias_act(y.reshape(-1, K), bd, dense_layer.activation)
+        return y
+
+    def _dense_halves(self, dense_layer, version):
+        """The Dense kernel's rows for each direction, as linear Dense records without
+        bias (cached per weights version)."""
+        key = (id(dense_layer.kernel), version)
+        if getattr(self, "_halves_key", None) != key:
+            Hf = self.forward_layer.recurrent_kernel.shape[0]
+            Wd = dense_layer.kernel
+            self._halves = [
+                types.SimpleNamespace(kernel=np.ascontiguousarray(part), bias=None,
+                                      activation="linear")
+                for part in (Wd[:Hf], Wd[Hf:])]
+            self._halves_key = key
+        return self._halves
 
     def _merge(self, y, y_rev, mask):
         y, y_rev = self._cast(y), self._cast(y_rev)
@@ -527,6 +573,9 @@ class Model:
             nxt = layers[2] if len(layers) > 2 else None
             if type(rnn) is LSTM and rnn.fuses_with(nxt):
                 x = rnn.forward_table(ids, mask, emb, version, dense_layer=nxt)
+                i = 3
+            elif type(rnn) is Bidirectional and rnn.fuses_with(nxt):
+                x = rnn.forward_table_dense(ids, mask, emb, version, nxt)
                 i = 3
             else:
                 x = rnn.forward_table(ids, mask, emb, version)

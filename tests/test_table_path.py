@@ -41,6 +41,24 @@ CASES = {
     "no_mask": lambda: _model(keras.layers.LSTM(6, return_sequences=True),
                               mask_zero=False),
 }
+# Embedding -> Bidirectional(concat) -> Dense: each direction applies its half of the
+# Dense kernel to its own outputs (Bidirectional.forward_table_dense)
+FUSED_BI = {
+    "softmax": lambda: _model(keras.layers.Bidirectional(
+        keras.layers.LSTM(6, return_sequences=True))),
+    "linear_no_bias": lambda: keras.Sequential([
+        keras.Input((None,), dtype="int32"), keras.layers.Embedding(30, 5, mask_zero=True),
+        keras.layers.Bidirectional(keras.layers.LSTM(6, return_sequences=True)),
+        keras.layers.Dense(4, use_bias=False)]),
+    "explicit_backward_layer": lambda: _model(keras.layers.Bidirectional(
+        keras.layers.LSTM(6, return_sequences=True),
+        backward_layer=keras.layers.LSTM(6, return_sequences=True, go_backwards=True,
+                                         recurrent_activation="hard_sigmoid"))),
+    "relu_no_mask": lambda: keras.Sequential([
+        keras.Input((None,), dtype="int32"), keras.layers.Embedding(30, 5),
+        keras.layers.Bidirectional(keras.layers.LSTM(6, return_sequences=True)),
+        keras.layers.Dense(4, activation="relu")]),
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -53,6 +71,30 @@ def test_table_path_matches_keras(case):
     inner = [rnn.forward_layer, rnn.backward_layer] if hasattr(rnn, "forward_layer") \
         else [rnn]
     assert all(getattr(r, "_table", None) is not None for r in inner), "table not used"
+    diff = np.abs(got - model.predict(ids, verbose=0)).max()
+    assert diff <= config.KERAS_PARITY_ATOL, diff
+
+
+@pytest.mark.parametrize("case", list(FUSED_BI))
+def test_bidirectional_dense_fused(case, monkeypatch):
+    """The Dense after a concat Bidirectional runs as two halves, one per direction,
+    and the result equals Keras's."""
+    from fastseq import keras_import
+    calls = []
+    real = keras_import.Bidirectional.forward_table_dense
+
+    def spy(self, *args):
+        calls.append(case)
+        return real(self, *args)
+
+    monkeypatch.setattr(keras_import.Bidirectional, "forward_table_dense", spy)
+    model = FUSED_BI[case]()
+    rng = np.random.default_rng(2)
+    model.set_weights([rng.standard_normal(w.shape).astype(np.float32) * 0.5
+                       for w in model.get_weights()])
+    ids = _ids()
+    got = fastseq.from_keras(model).predict(ids)
+    assert calls == [case], "the fused Bidirectional -> Dense path was not taken"
     diff = np.abs(got - model.predict(ids, verbose=0)).max()
     assert diff <= config.KERAS_PARITY_ATOL, diff
 
