@@ -173,6 +173,13 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
         y_buf = np.empty(rows * Tc * K, dt)
     dummy = np.empty((1, 1, 1), dt)
     ones = np.ones(rows * Tc, np.uint8) if m8 is None else None
+    own = {}
+
+    def own_rows(n):
+        """idx of a chunk of n steps in its own projection buffer: r * n + s."""
+        if n not in own:
+            own[n] = np.arange(rows * n, dtype=np.int64).reshape(rows, n)
+        return own[n]
     for s0 in range(0, T, Tc):
         n = min(Tc, T - s0)
         xin = xin_buf[:rows * n * D].reshape(rows, n, D)
@@ -183,8 +190,12 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
         if table is None:
             xin[...] = xs[lo:hi, s0:s0 + n]
             np.matmul(xin.reshape(rows * n, D), W, out=xw.reshape(rows * n, G))
-        else:
+            src, idx = xw.reshape(rows * n, G), own_rows(n)
+        elif use_gemm:
             np.take(table, xs[lo:hi, s0:s0 + n], axis=0, out=xw)
+        else:
+            # the fused kernel reads the table rows in place
+            src, idx = table, np.ascontiguousarray(xs[lo:hi, s0:s0 + n], dtype=np.int64)
         mc = ones[:rows * n].reshape(rows, n) if m8 is None else m8[lo:hi, s0:s0 + n]
         if not mc.flags.c_contiguous:
             mc = np.ascontiguousarray(mc)
@@ -200,8 +211,8 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
                 lstm_cpu.lstm_step_pointwise(zu, xw, s, b, hb, cb, sb, mc, oc, write,
                                              zero_output, act, rec)
         else:
-            lstm_cpu.lstm_chunk_fused(xw, Ub, b, hb, cb, sb, mc, z3, zrow, oc, write,
-                                      zero_output, act, rec)
+            lstm_cpu.lstm_chunk_fused(src, idx, Ub, b, hb, cb, sb, mc, z3, zrow, oc,
+                                      write, zero_output, act, rec)
         if ep is not None:
             np.matmul(hseq.reshape(rows * n, H), ep[0], out=ybuf)
             dense_cpu.bias_act_rows(ybuf, ep[1], ep[2])

@@ -57,12 +57,16 @@ def _emit(out, b, s, hrow, H, write, on, seen_b, zero_output):
 
 
 @njit(**NJIT_OPTS)
-def lstm_chunk_fused(xw, Ub, b, h, c, seen, mask, z3, zrow, out, write_out, zero_output,
-                     act, rec):
+def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out,
+                     zero_output, act, rec):
     """Run the recurrence over one chunk of steps for a block of rows (one thread),
     the product h U computed here (no BLAS call, no Python between steps).
 
-    xw:   [Bp, Tc, 4H] input projection x W of the chunk, in processing order
+    src:  [N, 4H] rows of input projections x W
+    idx:  [Bp, Tc] int64: the projection of row r at chunk step s (processing order) is
+          src[idx[r, s]]: the chunk's own projection buffer ([Bp * Tc, 4H], idx[r, s] =
+          r * Tc + s), or for an LSTM fed by an Embedding the (embeddings @ W) table and
+          the token ids, so the lookup is read in place, never copied
     Ub:   [nb, H, JB] the recurrent kernel U [H, 4H] cut into nb blocks of JB columns,
           each block contiguous (nb * JB = 4H): a block's rows stay in L1 with the z tile
     b:    [4H] bias (zeros when the layer has none)
@@ -78,7 +82,8 @@ def lstm_chunk_fused(xw, Ub, b, h, c, seen, mask, z3, zrow, out, write_out, zero
     70-80 GFLOP/s on one EPYC core for 16-32 rows, H = 128-256, bench/gemm_rates.py);
     leftover rows go one at a time.
     """
-    Bp, Tc, G = xw.shape
+    Bp, Tc = idx.shape
+    G = src.shape[1]
     H = G // 4
     nb, _, JB = Ub.shape
     R4 = Bp - Bp % 4
@@ -87,10 +92,12 @@ def lstm_chunk_fused(xw, Ub, b, h, c, seen, mask, z3, zrow, out, write_out, zero
             Uk = Ub[blk]
             zb = z3[blk]
             j0 = blk * JB
+            bb = b[j0:j0 + JB]
             for r in range(Bp):
                 zr = zb[r]
+                xr = src[idx[r, s], j0:j0 + JB]
                 for j in range(JB):
-                    zr[j] = xw[r, s, j0 + j] + b[j0 + j]
+                    zr[j] = xr[j] + bb[j]
             for r in range(0, R4, 4):
                 z0 = zb[r]
                 z1 = zb[r + 1]
