@@ -106,6 +106,11 @@ def _use_unit_split(B, T, D, H, table, go_backwards):
             and T * B * (D + H) * 4 * H >= 2 * config.MIN_MACS_PER_THREAD)
 
 
+# part 0 of a split job (a module attribute, so tests can count the calls without
+# touching the kernel module that the worker thread's loop compiles against)
+_run_part = lstm_split_cpu.lstm_units_split
+
+
 def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec):
     """The whole sequence on two threads, each owning half of the hidden units
     (kernels/lstm_split_cpu.py); h, c, seen and out are updated in place."""
@@ -130,9 +135,35 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
     scratch = np.empty((3, lstm_split_cpu.scratch_size(B, Tc, D, H)), dt)
     sync = np.zeros(sync_cpu.SYNC_SIZE, np.int64)
 
-    lstm_split_cpu.lstm_units_split_2(
-        sync, config.SPLIT_CLAIM_SPINS, x, W, U, b, hbuf, c, seen, mask, Tc, scratch,
-        seqbuf, o, mode, Wd, bd, code, ybuf, zero_output, act, rec)
+    args = (x, W, U, b, hbuf, c, seen, mask, Tc, scratch, seqbuf, o, mode, Wd, bd, code,
+            ybuf, zero_output, act, rec)
+    ks = lstm_split_cpu
+    worker = _threads.split_worker(dt, start=False)
+    if worker is None:
+        # first call of this dtype: run alone, then start the worker (it compiles its
+        # loop in the background the first time)
+        _run_part(0, sync, 0, *args)
+        _threads.split_worker(dt)
+    elif not worker.lock.acquire(blocking=False):
+        # another thread's job is using the worker: run this one alone
+        _run_part(0, sync, 0, *args)
+    else:
+        try:
+            if worker.spinning():
+                worker.seq += 1
+                seq = worker.seq
+                ks.post_job(worker.mb, seq, sync, config.SPLIT_CLAIM_SPINS, *args)
+                try:
+                    _run_part(0, sync, config.SPLIT_CLAIM_SPINS, *args)
+                finally:
+                    # the job's arrays must outlive the worker's use of them
+                    ks.finish_job(worker.mb, seq)
+            else:
+                # the worker sleeps: wake it for the calls to come, run this one alone
+                worker.wake()
+                _run_part(0, sync, 0, *args)
+        finally:
+            worker.lock.release()
     h[...] = hbuf[T % 2]
 
 

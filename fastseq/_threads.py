@@ -6,10 +6,12 @@ thread plus ``n - 1`` workers), each block running start to end with no barrier,
 thread calling single-threaded BLAS for its own GEMMs.  ``n`` defaults to Numba's
 ``NUMBA_NUM_THREADS`` (all cores unless set) and is changed with ``set_num_threads``.
 """
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numpy as np
 
 from . import config
 
@@ -105,6 +107,59 @@ def run_blocks(fn, blocks):
         finally:
             for f in futures:
                 f.result()
+
+
+class SplitWorker:
+    """A thread that runs part 1 of the two-thread jobs of ``kernels/lstm_split_cpu``
+    (one worker per float dtype).  It spins in Numba code, without the GIL, for a few
+    milliseconds after each job (``config.SPLIT_WORKER_IDLE_TICKS``), so calls in
+    quick succession hand it their job in well under a microsecond; then it sleeps until
+    the next caller wakes it, and that caller runs its job alone meanwhile.
+    """
+
+    def __init__(self, dtype):
+        from .kernels import lstm_split_cpu as ks
+        self.ks = ks
+        self.mb = np.zeros(ks.MB_SIZE, np.int64)
+        self.serve = ks.serve_float32 if dtype == np.float32 else ks.serve_float64
+        self.lock = threading.Lock()
+        self.event = threading.Event()
+        self.seq = 0
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=self._loop, daemon=True,
+                                       name="fastseq-split")
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            self.mb[self.ks.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
+            self.serve(self.mb, config.SPLIT_WORKER_MAX_POLLS)
+            self.event.wait()
+            self.event.clear()
+
+    def spinning(self):
+        return self.mb[self.ks.MB_STATE] == 1
+
+    def wake(self):
+        self.event.set()
+
+    def rest(self):
+        """Make the worker stop spinning now (it sleeps until woken)."""
+        self.mb[self.ks.MB_IDLE] = 0
+
+
+_split_workers = {}
+
+
+def split_worker(dtype, start=True):
+    """The SplitWorker of ``dtype`` in this process; with ``start``, started if there
+    is none yet (or only one inherited through fork), else None then."""
+    key = np.dtype(dtype)
+    with _lock:
+        w = _split_workers.get(key)
+        if w is None or w.pid != os.getpid():
+            w = _split_workers[key] = SplitWorker(key) if start else None
+    return w
 
 
 class _blas_single_thread:

@@ -54,8 +54,13 @@ MIN_MACS_PER_THREAD = 2_000_000
 SPLIT_UNITS_MAX_ROWS = 4
 # ... and a step's product h U has at least this many multiply-adds (H = 64 at B = 1).
 SPLIT_UNITS_MIN_STEP_MACS = 16_384
-# PAUSE spins (tens of ns each) the calling thread waits for the pool thread to start
-# before it runs the whole job alone (the pool thread may be busy or asleep).
+# PAUSE spins (tens of ns each) the calling thread waits for the worker thread to take
+# a posted job before it runs the whole job alone.
 SPLIT_CLAIM_SPINS = 10_000
+# How long the split worker thread spins after a job, waiting for the next one, before
+# it goes to sleep (_threads.SplitWorker): cycle-counter ticks (about 3 ms at a 3 GHz
+# time-stamp counter), and a cap on polls for targets without a counter.
+SPLIT_WORKER_IDLE_TICKS = 10_000_000
+SPLIT_WORKER_MAX_POLLS = 50_000_000
 # Rows per chunk in the time-distributed Dense (GEMM + fused activation).
 DENSE_CHUNK_ROWS = 512

@@ -1,18 +1,21 @@
 """The small-batch LSTM split by hidden units across two threads
-(``fastseq/kernels/lstm_split_cpu.py``, atomics in ``kernels/sync_cpu.py``).
+(``fastseq/kernels/lstm_split_cpu.py``, atomics in ``kernels/sync_cpu.py``, the worker
+thread in ``fastseq/_threads.py``).
 
 The ``split`` paths of the ``cpu_path`` fixture run every LSTM test through it; here:
-that the driver really takes it, that its claim protocol gives the right answer
-whichever part arrives first or alone (no deadlock), and the atomics themselves.
+that the driver really runs both parts at once, that the claim protocol gives the right
+answer whichever part arrives first or alone (no deadlock), the worker's mailbox
+(posting, serving, cancelling, sleeping and waking), and the atomics themselves.
 """
 import threading
+import time
 
 import numba
 import numpy as np
 import pytest
 
 import fastseq
-from fastseq import _cpu, config
+from fastseq import _cpu, _threads, config
 from fastseq.kernels import lstm_split_cpu, sync_cpu
 from fastseq.ops import lstm_dense
 from reference import ref_dense, ref_lstm
@@ -31,17 +34,40 @@ def _data(rng, B, T, D, H, K, dtype):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Count calls of the two-thread split kernel made by the CPU driver."""
+    """What part 0 of each split job returned, as run by the CPU driver (2: the worker
+    thread ran part 1 alongside; 1: part 0 ran the job alone)."""
     calls = []
-    real = lstm_split_cpu.lstm_units_split_2
+    real = _cpu._run_part
 
     def wrapper(*args):
         ran = real(*args)
-        calls.append(ran)
+        calls.append(int(ran))
         return ran
 
-    monkeypatch.setattr(lstm_split_cpu, "lstm_units_split_2", wrapper)
+    monkeypatch.setattr(_cpu, "_run_part", wrapper)
     return calls
+
+
+@pytest.fixture(autouse=True)
+def workers_rest():
+    """After each test, split workers stop spinning (a test may have set them to spin
+    for ever): a spinning worker left behind would take a core from the next test."""
+    yield
+    for w in list(_threads._split_workers.values()):
+        if w is not None:
+            w.rest()
+
+
+def _spinning_worker(dtype, timeout=120.0):
+    """The split worker of ``dtype``, started, awake and spinning (its first start
+    compiles its loop, which can take a while on a cold cache)."""
+    w = _threads.split_worker(dtype)
+    deadline = time.monotonic() + timeout
+    while not w.spinning():
+        w.wake()
+        assert time.monotonic() < deadline, "the split worker never started spinning"
+        time.sleep(0.001)
+    return w
 
 
 @needs_two_threads
@@ -55,8 +81,20 @@ def test_driver_takes_split_path(rng, assert_close, counted, monkeypatch, dtype,
     monkeypatch.setattr(config, "CHUNK_BYTES", 4 * H * 4 * 16)   # 16 steps per chunk
     T, D, K = 40, 16, 7
     x, W, U, b, Wd, bd = _data(rng, B, T, D, H, K, dtype)
+    monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)  # keep it awake
+    # each part waits long enough for the other (on a loaded machine a short wait can
+    # expire, and the part that came runs the job alone: right, but not checked here)
+    monkeypatch.setattr(config, "SPLIT_CLAIM_SPINS", 10 ** 9)
     mask = rng.random((B, T)) > 0.25
     mask[0, :5] = False
+    # a first call loads the kernels (and, the first time, starts the worker); a part
+    # that waits too long for its partner runs the job alone, which is right but not
+    # what this test checks
+    lstm_dense(x, W, U, b, Wd, bd, "softmax", mask=mask)
+    fastseq.lstm(x, W, U, b, mask=mask, return_sequences=True, return_state=True,
+                 zero_output_for_mask=True, initial_state=[np.ones((B, H), dtype)] * 2)
+    _spinning_worker(dtype)
+    counted.clear()
     y = lstm_dense(x, W, U, b, Wd, bd, "softmax", mask=mask)
     want = ref_dense(ref_lstm(x, W, U, b, mask=mask, return_sequences=True), Wd, bd,
                      "softmax")
@@ -69,7 +107,7 @@ def test_driver_takes_split_path(rng, assert_close, counted, monkeypatch, dtype,
                               ref_lstm(x, W, U, b, **kw)):
         assert_close(got, exp, atol, rtol, what=name)
     assert len(counted) == 2, "the unit-split kernel did not run"
-    assert all(r in (1, 2) for r in counted)
+    assert counted == [2, 2], "the worker thread did not run part 1 alongside"
 
 
 @needs_two_threads
@@ -107,6 +145,14 @@ def _job(rng, B=2, T=13, D=5, H=9, K=4, dtype=np.float32, Tc=4):
         seqbuf=np.empty((B, Tc, H), dtype), out=out, Wd=Wd, bd=bd,
         ybuf=np.empty((2, B * Tc, K), dtype))
     return state, want
+
+
+def _post(mb, seq, st, spins):
+    lstm_split_cpu.post_job(
+        mb, seq, st["sync"], spins, st["x"], st["W"], st["U"], st["b"], st["hbuf"],
+        st["c"], st["seen"], st["mask"], st["Tc"], st["scratch"], st["seqbuf"],
+        st["out"], lstm_split_cpu.OUT_EPILOGUE, st["Wd"], st["bd"], 100, st["ybuf"],
+        False, 1, 2)
 
 
 def _part(p, st, spins):
@@ -151,17 +197,65 @@ def test_racing_claims_always_correct(rng, assert_close):
     """No wait at all: which part runs (alone or together) depends on timing, and every
     outcome gives the reference answer."""
     atol, rtol = config.tolerance(np.float32)
-    outcomes = set()
     for _ in range(30):
         st, want = _job(rng, T=9, Tc=3)
-        ran = lstm_split_cpu.lstm_units_split_2(
-            st["sync"], 0, st["x"], st["W"], st["U"], st["b"], st["hbuf"], st["c"],
-            st["seen"], st["mask"], st["Tc"], st["scratch"], st["seqbuf"], st["out"],
-            lstm_split_cpu.OUT_EPILOGUE, st["Wd"], st["bd"], 100, st["ybuf"], False, 1,
-            2)
-        outcomes.add(int(ran))
+        th = threading.Thread(target=_part, args=(1, st, 0))
+        th.start()
+        _part(0, st, 0)
+        th.join()
         assert_close(st["out"], want, atol, rtol, what="racing claim")
-    assert outcomes <= {1, 2}, outcomes
+
+
+@needs_two_threads
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_worker_serves_posted_jobs(rng, assert_close, monkeypatch, dtype):
+    """Jobs posted by address in the worker's mailbox: the worker runs part 1 of each,
+    and the answers match the reference."""
+    monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)
+    w = _spinning_worker(dtype)
+    atol, rtol = config.tolerance(dtype)
+    with w.lock:
+        for _ in range(5):
+            st, want = _job(rng, B=3, T=11, H=10, dtype=dtype)
+            w.seq += 1
+            _post(w.mb, w.seq, st, 10 ** 9)
+            assert _part(0, st, 10 ** 9) == 2
+            assert lstm_split_cpu.finish_job(w.mb, w.seq)      # taken and done
+            assert_close(st["out"], want, atol, rtol, what="posted job")
+
+
+def test_unserved_job_is_cancelled(rng, assert_close):
+    """A job posted to a mailbox nobody serves: part 0 runs it alone, and finish_job
+    cancels it, so no thread can pick it up later."""
+    mb = np.zeros(lstm_split_cpu.MB_SIZE, np.int64)
+    st, want = _job(rng)
+    _post(mb, 1, st, 1000)
+    assert _part(0, st, 1000) == 1
+    assert not lstm_split_cpu.finish_job(mb, 1)
+    assert mb[lstm_split_cpu.MB_TAKEN] == 1 and mb[lstm_split_cpu.MB_DONE] == 0
+    atol, rtol = config.tolerance(np.float32)
+    assert_close(st["out"], want, atol, rtol, what="cancelled job run alone")
+
+
+@needs_two_threads
+def test_worker_sleeps_and_wakes(rng, assert_close, monkeypatch):
+    """A worker put to rest goes to sleep; the next call runs alone, right, and wakes
+    it."""
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    w = _spinning_worker(np.float32)
+    w.rest()
+    deadline = time.monotonic() + 10
+    while w.spinning():
+        assert time.monotonic() < deadline, "the worker never went to sleep"
+        time.sleep(0.001)
+    x, W, U, b, Wd, bd = _data(rng, 1, 20, 8, 64, 5, np.float32)
+    want = ref_dense(ref_lstm(x, W, U, b, return_sequences=True), Wd, bd, "softmax")
+    atol, rtol = config.tolerance(np.float32)
+    assert_close(lstm_dense(x, W, U, b, Wd, bd, "softmax"), want, atol, rtol)
+    deadline = time.monotonic() + 10
+    while not (w.event.is_set() or w.spinning()):
+        assert time.monotonic() < deadline, "the call did not wake the worker"
+        time.sleep(0.001)
 
 
 def test_atomics():

@@ -19,12 +19,13 @@ The same kernel runs alone (``nparts`` = 1, units [0, H)) when the partner threa
 not start in time (``sync_cpu.claim``).  Masking as in ``lstm_cpu``.
 """
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit
 
 from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
 from .activations import apply_act, ACT_TANH, ACT_SIGMOID
 from .dense_cpu import bias_act_rows
-from .sync_cpu import barrier, claim
+from .sync_cpu import (address_to_voidptr, atomic_cas, atomic_load, atomic_store,
+                       barrier, claim, cycle_counter, wait_at_least)
 
 OUT_NONE, OUT_SEQUENCE, OUT_EPILOGUE = 0, 1, 2
 
@@ -208,8 +209,8 @@ def _step(s, t, u0, Up, xw, z, hc, hn, c, seen, mask, seqbuf, out, out_mode,
 def lstm_units_split(part, sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, Tc,
                      scratch, seqbuf, out, out_mode, Wd, bd, dense_code, ybuf,
                      zero_output, act, rec):
-    """Run all T steps for part ``part`` (0 or 1) of a job; ``lstm_units_split_2``
-    runs both parts on two threads.
+    """Run all T steps for part ``part`` (0 or 1) of a job.  The caller runs part 0;
+    a pool thread runs part 1, posted to it with ``post_job`` (it runs ``serve_*``).
 
     The units are two slices, [0, H // 2) and [H // 2, H).  Part p owns slice p and
     half of the epilogue's rows.  When the other part does not arrive in time
@@ -303,18 +304,142 @@ def lstm_units_split(part, sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, T
     return nparts
 
 
-@njit(parallel=True, **NJIT_OPTS)
-def lstm_units_split_2(sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, Tc, scratch,
-                       seqbuf, out, out_mode, Wd, bd, dense_code, ybuf, zero_output,
-                       act, rec):
-    """Both parts of ``lstm_units_split`` on Numba's thread pool (arguments as there).
-    Returns the number of parts that ran alongside (2, or 1 when one ran alone)."""
-    ran = np.zeros(2, np.int64)
-    for p in prange(2):
-        ran[p] = lstm_units_split(np.int64(p), sync, claim_spins, x, W, U, b, hbuf, c, seen, mask,
-                                  Tc, scratch, seqbuf, out, out_mode, Wd, bd, dense_code,
-                                  ybuf, zero_output, act, rec)
-    return max(ran[0], ran[1])
+# --- the pool thread's side: part 1 of jobs posted in a mailbox ------------------------
+# A job is posted by address in an int64 mailbox [MB_SIZE], so the pool thread can take
+# it without returning to Python (no GIL, no wake-up: it spins for a while after each
+# job).  Slots (each on its own cache line where two threads write):
+MB_JOB = 0          # sequence number of the last posted job
+MB_TAKEN = 8        # last job taken by the pool thread, or cancelled by the poster
+MB_DONE = 16        # last job the pool thread finished
+MB_STATE = 24       # 1 while the pool thread is spinning in ``serve``
+MB_IDLE = 25        # cycle-counter ticks without a job after which ``serve`` returns
+                    # (read while it spins, so it can be shortened at any time)
+MB_ARGS = 32        # 15 arrays as (address, shape0, shape1, shape2), then 7 scalars
+MB_SIZE = MB_ARGS + 15 * 4 + 8
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _put(mb, k, a):
+    o = MB_ARGS + 4 * k
+    mb[o] = a.ctypes.data
+    for d in range(a.ndim):
+        mb[o + 1 + d] = a.shape[d]
+
+
+@njit(**NJIT_OPTS)
+def post_job(mb, seq, sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, Tc, scratch,
+             seqbuf, out, out_mode, Wd, bd, dense_code, ybuf, zero_output, act, rec):
+    """Post part 1 of a job (the arguments of ``lstm_units_split``) as job ``seq``.
+    The arrays must stay alive until ``finish_job(mb, seq)`` returns."""
+    _put(mb, 0, sync)
+    _put(mb, 1, x)
+    _put(mb, 2, W)
+    _put(mb, 3, U)
+    _put(mb, 4, b)
+    _put(mb, 5, hbuf)
+    _put(mb, 6, c)
+    _put(mb, 7, seen)
+    _put(mb, 8, mask)
+    _put(mb, 9, scratch)
+    _put(mb, 10, seqbuf)
+    _put(mb, 11, out)
+    _put(mb, 12, Wd)
+    _put(mb, 13, bd)
+    _put(mb, 14, ybuf)
+    o = MB_ARGS + 60
+    mb[o] = claim_spins
+    mb[o + 1] = Tc
+    mb[o + 2] = out_mode
+    mb[o + 3] = dense_code
+    mb[o + 4] = 1 if zero_output else 0
+    mb[o + 5] = act
+    mb[o + 6] = rec
+    atomic_store(mb, MB_JOB, seq)      # release: the arguments are visible first
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _arr1(mb, k, dt):
+    o = MB_ARGS + 4 * k
+    return carray(address_to_voidptr(mb[o]), (mb[o + 1],), dt)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _arr2(mb, k, dt):
+    o = MB_ARGS + 4 * k
+    return carray(address_to_voidptr(mb[o]), (mb[o + 1], mb[o + 2]), dt)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _arr3(mb, k, dt):
+    o = MB_ARGS + 4 * k
+    return carray(address_to_voidptr(mb[o]), (mb[o + 1], mb[o + 2], mb[o + 3]), dt)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _run_posted(mb, dt):
+    o = MB_ARGS + 60
+    return lstm_units_split(
+        np.int64(1), _arr1(mb, 0, np.int64), mb[o], _arr3(mb, 1, dt), _arr2(mb, 2, dt),
+        _arr2(mb, 3, dt), _arr1(mb, 4, dt), _arr3(mb, 5, dt), _arr2(mb, 6, dt),
+        _arr1(mb, 7, np.uint8), _arr2(mb, 8, np.uint8), mb[o + 1], _arr2(mb, 9, dt),
+        _arr3(mb, 10, dt), _arr3(mb, 11, dt), mb[o + 2], _arr2(mb, 12, dt),
+        _arr1(mb, 13, dt), mb[o + 3], _arr3(mb, 14, dt), mb[o + 4] != 0, mb[o + 5],
+        mb[o + 6])
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _serve(mb, max_polls, dt):
+    polls = 0
+    t0 = cycle_counter()
+    atomic_store(mb, MB_STATE, 1)
+    while True:
+        job = atomic_load(mb, MB_JOB)
+        taken = atomic_load(mb, MB_TAKEN)
+        if job != taken:
+            if atomic_cas(mb, MB_TAKEN, taken, job):
+                _run_posted(mb, dt)
+                atomic_store(mb, MB_DONE, job)
+            polls = 0
+            t0 = cycle_counter()
+        else:
+            polls += 1
+            # idle for idle_ticks of the cycle counter; where it reads 0 (no counter on
+            # this target), for max_polls polls
+            if (polls & 1023) == 0 and (
+                    (t0 != 0 and cycle_counter() - t0 >= atomic_load(mb, MB_IDLE))
+                    or (t0 == 0 and polls >= max_polls)):
+                atomic_store(mb, MB_STATE, 0)
+                # a job posted while the state still read 1 is taken before leaving
+                if atomic_load(mb, MB_JOB) == atomic_load(mb, MB_TAKEN):
+                    return 0
+                atomic_store(mb, MB_STATE, 1)
+                polls = 0
+                t0 = cycle_counter()
+
+
+@njit(**NJIT_OPTS)
+def serve_float32(mb, max_polls):
+    """The worker thread's loop for float32 jobs: take each posted job and run its
+    part 1; return when no job came for mb[MB_IDLE] cycle-counter ticks (or
+    ``max_polls`` polls, where there is no counter); the caller then sleeps until woken."""
+    return _serve(mb, max_polls, np.float32)
+
+
+@njit(**NJIT_OPTS)
+def serve_float64(mb, max_polls):
+    """``serve_float32`` for float64 jobs."""
+    return _serve(mb, max_polls, np.float64)
+
+
+@njit(**NJIT_OPTS)
+def finish_job(mb, seq):
+    """After part 0 of job ``seq`` returned: cancel the job if the pool thread has not
+    taken it (part 0 then ran it alone), else wait until the pool thread is done with it.
+    Afterwards nothing refers to the job's arrays any more."""
+    if atomic_cas(mb, MB_TAKEN, seq - 1, seq):
+        return False
+    wait_at_least(mb, MB_DONE, seq)
+    return True
 
 
 @njit(**NJIT_INLINE_OPTS)

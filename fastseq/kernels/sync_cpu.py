@@ -3,7 +3,9 @@
 Numba has no atomics for CPU code, so these emit LLVM atomic instructions directly:
 ``atomic_load`` (acquire), ``atomic_store`` (release) and ``atomic_cas`` (compare and
 swap, sequentially consistent) on an element of an int64 array, ``cpu_pause`` (the x86
-PAUSE spin-loop hint; nothing on other targets) and ``os_yield`` (``sched_yield``).
+PAUSE spin-loop hint; nothing on other targets), ``os_yield`` (``sched_yield``) and
+``address_to_voidptr`` (to view memory posted by address with ``numba.carray``) and
+``cycle_counter`` (RDTSC).
 
 A release store of a flag after plain stores of data, and an acquire load of the flag
 before plain loads of that data, order them for the compiler and the CPU: a thread that
@@ -78,6 +80,29 @@ def atomic_cas(typingctx, arr, idx, expected, new):
         pair = builder.cmpxchg(ptr, e, n, "seq_cst", "seq_cst")
         return builder.extract_value(pair, 1)
     return types.boolean(arr, idx, expected, new), codegen
+
+
+@intrinsic
+def address_to_voidptr(typingctx, addr):
+    """An integer address (``arr.ctypes.data``) as a void pointer, for ``numba.carray``."""
+    if not isinstance(addr, types.Integer):
+        raise TypeError("address_to_voidptr takes an integer address")
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.int64)
+        return builder.inttoptr(v, context.get_value_type(types.voidptr))
+    return types.voidptr(addr), codegen
+
+
+@intrinsic
+def cycle_counter(typingctx):
+    """The CPU's cycle/time-stamp counter (x86 RDTSC, constant rate); 0 on targets
+    without one."""
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(64), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter")
+        return builder.call(fn, [])
+    return types.int64(), codegen
 
 
 @intrinsic
