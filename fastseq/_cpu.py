@@ -152,9 +152,9 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
             if worker.spinning():
                 worker.seq += 1
                 seq = worker.seq
-                ks.post_job(worker.mb, seq, sync, config.SPLIT_CLAIM_SPINS, *args)
+                ks.post_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS, *args)
                 try:
-                    _run_part(0, sync, config.SPLIT_CLAIM_SPINS, *args)
+                    _run_part(0, sync, config.SPLIT_CLAIM_TICKS, *args)
                 finally:
                     # the job's arrays must outlive the worker's use of them
                     ks.finish_job(worker.mb, seq)

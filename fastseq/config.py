@@ -54,9 +54,10 @@ MIN_MACS_PER_THREAD = 2_000_000
 SPLIT_UNITS_MAX_ROWS = 4
 # ... and a step's product h U has at least this many multiply-adds (H = 64 at B = 1).
 SPLIT_UNITS_MIN_STEP_MACS = 16_384
-# PAUSE spins (tens of ns each) the calling thread waits for the worker thread to take
-# a posted job before it runs the whole job alone.
-SPLIT_CLAIM_SPINS = 10_000
+# Cycle-counter ticks (about 25 us at this machine's 2.6 GHz time-stamp counter) the
+# part of a split job that arrives first waits for the other before it runs the whole
+# job alone (polls where the target has no counter).
+SPLIT_CLAIM_TICKS = 65_000
 # How long the split worker thread spins after a job, waiting for the next one, before
 # it goes to sleep (_threads.SplitWorker): cycle-counter ticks (about 3 ms at a 3 GHz
 # time-stamp counter), and a cap on polls for targets without a counter.

@@ -84,7 +84,7 @@ def test_driver_takes_split_path(rng, assert_close, counted, monkeypatch, dtype,
     monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)  # keep it awake
     # each part waits long enough for the other (on a loaded machine a short wait can
     # expire, and the part that came runs the job alone: right, but not checked here)
-    monkeypatch.setattr(config, "SPLIT_CLAIM_SPINS", 10 ** 9)
+    monkeypatch.setattr(config, "SPLIT_CLAIM_TICKS", 10 ** 9)
     mask = rng.random((B, T)) > 0.25
     mask[0, :5] = False
     # a first call loads the kernels (and, the first time, starts the worker); a part

@@ -206,7 +206,7 @@ def _step(s, t, u0, Up, xw, z, hc, hn, c, seen, mask, seqbuf, out, out_mode,
 
 
 @njit(**NJIT_OPTS)
-def lstm_units_split(part, sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, Tc,
+def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, Tc,
                      scratch, seqbuf, out, out_mode, Wd, bd, dense_code, ybuf,
                      zero_output, act, rec):
     """Run all T steps for part ``part`` (0 or 1) of a job.  The caller runs part 0;
@@ -243,7 +243,7 @@ def lstm_units_split(part, sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, T
     # other part (which meanwhile may still be starting)
     first = min(Tc, T)
     _prepare(part, part, x, W, U, b, scratch, Tc, first)
-    nparts = claim(sync, part, claim_spins)
+    nparts = claim(sync, part, claim_ticks)
     if nparts == 0:
         return 0
     # scratch row of each slice: its own part's row when both run; the part running
@@ -327,7 +327,7 @@ def _put(mb, k, a):
 
 
 @njit(**NJIT_OPTS)
-def post_job(mb, seq, sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, Tc, scratch,
+def post_job(mb, seq, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, Tc, scratch,
              seqbuf, out, out_mode, Wd, bd, dense_code, ybuf, zero_output, act, rec):
     """Post part 1 of a job (the arguments of ``lstm_units_split``) as job ``seq``.
     The arrays must stay alive until ``finish_job(mb, seq)`` returns."""
@@ -347,7 +347,7 @@ def post_job(mb, seq, sync, claim_spins, x, W, U, b, hbuf, c, seen, mask, Tc, sc
     _put(mb, 13, bd)
     _put(mb, 14, ybuf)
     o = MB_ARGS + 60
-    mb[o] = claim_spins
+    mb[o] = claim_ticks
     mb[o + 1] = Tc
     mb[o + 2] = out_mode
     mb[o + 3] = dense_code

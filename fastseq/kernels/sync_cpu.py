@@ -128,20 +128,36 @@ def os_yield(typingctx):
     return types.void(), codegen
 
 
-# spins with PAUSE before a waiting thread starts yielding its core (a few tens of
-# microseconds: the partner is normally a step behind, well under a microsecond)
-SPINS_BEFORE_YIELD = 2000
+# Waits spin on plain loads (no PAUSE: under a hypervisor, a PAUSE loop can trigger
+# pause-loop exits that take the vCPU away for milliseconds) for up to this many
+# cycle-counter ticks (about 10 us at 2.6 GHz), then yield the core at every check.
+SPIN_TICKS = 25_000
+SPIN_POLLS = 20_000     # the same where the target has no cycle counter
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _still_spinning(t0, polls, ticks, max_polls):
+    """Whether a wait that began at cycle count t0 (0: no counter) and has polled
+    ``polls`` times is still within ``ticks`` ticks (or ``max_polls`` polls)."""
+    if t0 != 0:
+        return cycle_counter() - t0 < ticks
+    return polls < max_polls
 
 
 @njit(**NJIT_INLINE_OPTS)
 def wait_at_least(sync, slot, value):
-    """Spin until sync[slot] >= value (PAUSE, then sched_yield after a while)."""
-    spins = 0
+    """Wait until sync[slot] >= value: spin for a while, then sched_yield between
+    checks (the other thread is normally a fraction of a microsecond away)."""
+    if atomic_load(sync, slot) >= value:
+        return
+    t0 = cycle_counter()
+    polls = 0
+    spinning = True
     while atomic_load(sync, slot) < value:
-        if spins < SPINS_BEFORE_YIELD:
-            cpu_pause()
-            spins += 1
-        else:
+        polls += 1
+        if spinning and (polls & 63) == 0:
+            spinning = _still_spinning(t0, polls, SPIN_TICKS, SPIN_POLLS)
+        if not spinning:
             os_yield()
 
 
@@ -154,12 +170,13 @@ def barrier(sync, part, epoch):
 
 
 @njit(**NJIT_INLINE_OPTS)
-def claim(sync, part, wait_spins):
+def claim(sync, part, wait_ticks):
     """Decide whether the two parts of a job run together.  Either part may arrive
     first, on any thread (even the same thread as the other, one after the other):
 
-    - the first to arrive marks itself and waits up to ``wait_spins`` PAUSE spins for
-      the other; if it does not come, the first takes the whole job alone;
+    - the first to arrive marks itself and waits up to ``wait_ticks`` cycle-counter
+      ticks (polls, where there is no counter) for the other; if it does not come, the
+      first takes the whole job alone;
     - the second joins (both run) unless the first has already gone alone, in which
       case the second must do nothing.
 
@@ -169,12 +186,15 @@ def claim(sync, part, wait_spins):
     mine = ARRIVED_0 + part
     other = ARRIVED_0 + 1 - part
     if atomic_cas(sync, 0, CLAIM_FREE, mine):
-        spins = 0
-        while spins < wait_spins:
+        t0 = cycle_counter()
+        polls = 0
+        while True:
             if atomic_load(sync, 0) == CLAIM_BOTH:
                 return 2
-            cpu_pause()
-            spins += 1
+            polls += 1
+            if (polls & 63) == 0 and not _still_spinning(t0, polls, wait_ticks,
+                                                         wait_ticks):
+                break
         if atomic_cas(sync, 0, mine, CLAIM_ALONE):
             return 1
         return 2
