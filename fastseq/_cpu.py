@@ -149,17 +149,23 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
         _run_part(0, sync, 0, *args)
     else:
         try:
-            if worker.spinning():
+            worker.release_done()
+            if worker.spinning() and not worker.busy():
                 worker.seq += 1
                 seq = worker.seq
                 ks.post_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS, *args)
+                taken = True
                 try:
                     _run_part(0, sync, config.SPLIT_CLAIM_TICKS, *args)
                 finally:
-                    # the job's arrays must outlive the worker's use of them
-                    ks.finish_job(worker.mb, seq)
+                    taken = ks.finish_job(worker.mb, seq)
+                    if taken:
+                        # the worker may still be returning from its part: keep what
+                        # it can touch alive until it is done (never wait for it)
+                        worker.hold(seq, (sync, scratch) + args)
             else:
-                # the worker sleeps: wake it for the calls to come, run this one alone
+                # the worker dozes (or is still busy): wake it for the calls to come,
+                # run this one alone
                 worker.wake()
                 _run_part(0, sync, 0, *args)
         finally:

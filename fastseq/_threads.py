@@ -111,40 +111,51 @@ def run_blocks(fn, blocks):
 
 class SplitWorker:
     """A thread that runs part 1 of the two-thread jobs of ``kernels/lstm_split_cpu``
-    (one worker per float dtype).  It spins in Numba code, without the GIL, for a few
-    milliseconds after each job (``config.SPLIT_WORKER_IDLE_TICKS``), so calls in
-    quick succession hand it their job in well under a microsecond; then it sleeps until
-    the next caller wakes it, and that caller runs its job alone meanwhile.
+    (one worker per float dtype).  It lives in Numba code and never takes the GIL:
+    for a few milliseconds after each job (``config.SPLIT_WORKER_IDLE_TICKS``) it spins,
+    so calls in quick succession hand it their job in well under a microsecond; then it
+    dozes (polls between sleeps of up to 1 ms, 10 ms after a second).  A caller that finds it dozing runs
+    its job alone and pokes it to spin again for the calls to come.
     """
 
     def __init__(self, dtype):
         from .kernels import lstm_split_cpu as ks
         self.ks = ks
         self.mb = np.zeros(ks.MB_SIZE, np.int64)
+        self.mb[ks.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
         self.serve = ks.serve_float32 if dtype == np.float32 else ks.serve_float64
         self.lock = threading.Lock()
-        self.event = threading.Event()
         self.seq = 0
+        self.held = []          # (job, arrays) the worker may still touch
         self.pid = os.getpid()
-        self.thread = threading.Thread(target=self._loop, daemon=True,
-                                       name="fastseq-split")
+        self.thread = threading.Thread(target=self.serve,
+                                       args=(self.mb, config.SPLIT_WORKER_MAX_POLLS),
+                                       daemon=True, name="fastseq-split")
         self.thread.start()
-
-    def _loop(self):
-        while True:
-            self.mb[self.ks.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
-            self.serve(self.mb, config.SPLIT_WORKER_MAX_POLLS)
-            self.event.wait()
-            self.event.clear()
 
     def spinning(self):
         return self.mb[self.ks.MB_STATE] == 1
 
+    def busy(self):
+        """Whether the worker has taken a job it has not finished (the mailbox must not
+        be written then)."""
+        return self.mb[self.ks.MB_DONE] < self.mb[self.ks.MB_TAKEN]
+
+    def hold(self, seq, refs):
+        """Keep ``refs`` (a job's arrays) alive until the worker finishes job ``seq``."""
+        self.held.append((seq, refs))
+
+    def release_done(self):
+        done = self.mb[self.ks.MB_DONE]
+        self.held = [(s, r) for s, r in self.held if s > done]
+
     def wake(self):
-        self.event.set()
+        """Make a dozing worker spin again (for SPLIT_WORKER_IDLE_TICKS as now set)."""
+        self.mb[self.ks.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
+        self.mb[self.ks.MB_POKE] = 1
 
     def rest(self):
-        """Make the worker stop spinning now (it sleeps until woken)."""
+        """Make the worker stop spinning now (it dozes until the next poke)."""
         self.mb[self.ks.MB_IDLE] = 0
 
 

@@ -671,6 +671,7 @@ def _progress(total: int, enabled: bool):
 
 
 PAUSE_S = 0.1  # idle time before each timed sample (see run_benchmark)
+SAMPLE_S = 0.02  # a timed sample: back-to-back calls for at least this long
 
 
 def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repeats: int = 7,
@@ -713,7 +714,7 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
                                     "tokens": wl.n_tokens, "batches": len(wl.inputs)}
         rows = {p: {"config": cname, "provider": p, "status": "ok"} for p in providers}
         runners, outputs, times = {}, {}, {p: [] for p in providers}
-        n_runs, n_inner = {}, {}
+        n_runs = {}
         steps_per_provider = 1 + warmup + repeats
         for p in providers:
             missing = provider_missing(p)
@@ -742,9 +743,6 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
                     warm_s = time.perf_counter() - t0
                     bar.update(1)
                 n_runs[p] = min(repeats, max(3, int(budget_s / max(warm_s, 1e-9))))
-                # a timed sample is the mean of back-to-back calls lasting ~20 ms, so
-                # sub-millisecond calls are not timed one by one
-                n_inner[p] = max(1, int(0.02 / max(warm_s, 1e-9)))
                 bar.update(repeats - n_runs[p])
             except Exception as exc:  # a provider failing is a result, not a crash
                 rows[p]["status"] = f"error: {type(exc).__name__}: {exc}"[:300]
@@ -762,10 +760,15 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
                 # let the previous provider's worker threads stop spinning first (TF,
                 # PyTorch and ONNX Runtime pools spin-wait for a while after a call)
                 time.sleep(PAUSE_S)
+                # a timed sample is the mean of back-to-back calls lasting at least
+                # SAMPLE_S (at least one call), so sub-millisecond calls are not timed
+                # one by one
                 t0 = time.perf_counter()
-                for _ in range(n_inner[p]):
+                n = 0
+                while n == 0 or time.perf_counter() - t0 < SAMPLE_S:
                     runners[p]()
-                times[p].append((time.perf_counter() - t0) * 1e3 / n_inner[p])
+                    n += 1
+                times[p].append((time.perf_counter() - t0) * 1e3 / n)
                 bar.update(1)
         # The reference: Keras predict_on_batch (computed here when it was not timed).
         ref = outputs.get("keras")

@@ -62,6 +62,7 @@ def _spinning_worker(dtype, timeout=120.0):
     """The split worker of ``dtype``, started, awake and spinning (its first start
     compiles its loop, which can take a while on a cold cache)."""
     w = _threads.split_worker(dtype)
+    w.wake()            # also sets its idle time from the config, as patched
     deadline = time.monotonic() + timeout
     while not w.spinning():
         w.wake()
@@ -220,7 +221,11 @@ def test_worker_serves_posted_jobs(rng, assert_close, monkeypatch, dtype):
             w.seq += 1
             _post(w.mb, w.seq, st, 10 ** 9)
             assert _part(0, st, 10 ** 9) == 2
-            assert lstm_split_cpu.finish_job(w.mb, w.seq)      # taken and done
+            assert lstm_split_cpu.finish_job(w.mb, w.seq)      # taken
+            deadline = time.monotonic() + 10
+            while w.mb[lstm_split_cpu.MB_DONE] < w.seq:
+                assert time.monotonic() < deadline, "the worker never finished its part"
+                time.sleep(0.0001)
             assert_close(st["out"], want, atol, rtol, what="posted job")
 
 
@@ -239,21 +244,21 @@ def test_unserved_job_is_cancelled(rng, assert_close):
 
 @needs_two_threads
 def test_worker_sleeps_and_wakes(rng, assert_close, monkeypatch):
-    """A worker put to rest goes to sleep; the next call runs alone, right, and wakes
-    it."""
+    """A worker put to rest dozes; the next call runs alone, right, and pokes it to
+    spin again."""
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     w = _spinning_worker(np.float32)
     w.rest()
     deadline = time.monotonic() + 10
     while w.spinning():
-        assert time.monotonic() < deadline, "the worker never went to sleep"
+        assert time.monotonic() < deadline, "the worker never started dozing"
         time.sleep(0.001)
     x, W, U, b, Wd, bd = _data(rng, 1, 20, 8, 64, 5, np.float32)
     want = ref_dense(ref_lstm(x, W, U, b, return_sequences=True), Wd, bd, "softmax")
     atol, rtol = config.tolerance(np.float32)
     assert_close(lstm_dense(x, W, U, b, Wd, bd, "softmax"), want, atol, rtol)
     deadline = time.monotonic() + 10
-    while not (w.event.is_set() or w.spinning()):
+    while not w.spinning():
         assert time.monotonic() < deadline, "the call did not wake the worker"
         time.sleep(0.001)
 

@@ -25,7 +25,7 @@ from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
 from .activations import apply_act, ACT_TANH, ACT_SIGMOID
 from .dense_cpu import bias_act_rows
 from .sync_cpu import (address_to_voidptr, atomic_cas, atomic_load, atomic_store,
-                       barrier, claim, cycle_counter, wait_at_least)
+                       barrier, claim, cycle_counter, os_sleep_us, wait_at_least)
 
 OUT_NONE, OUT_SEQUENCE, OUT_EPILOGUE = 0, 1, 2
 
@@ -311,9 +311,11 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
 MB_JOB = 0          # sequence number of the last posted job
 MB_TAKEN = 8        # last job taken by the pool thread, or cancelled by the poster
 MB_DONE = 16        # last job the pool thread finished
-MB_STATE = 24       # 1 while the pool thread is spinning in ``serve``
-MB_IDLE = 25        # cycle-counter ticks without a job after which ``serve`` returns
+MB_STATE = 24       # worker: 1 spinning (takes a job at once), 2 dozing, 0 stopped
+MB_IDLE = 25        # cycle-counter ticks without a job after which the worker dozes
                     # (read while it spins, so it can be shortened at any time)
+MB_POKE = 26        # set by a caller that found the worker dozing: spin again
+MB_QUIT = 27        # set to make ``serve`` return
 MB_ARGS = 32        # 15 arrays as (address, shape0, shape1, shape2), then 7 scalars
 MB_SIZE = MB_ARGS + 15 * 4 + 8
 
@@ -389,39 +391,55 @@ def _run_posted(mb, dt):
 
 @njit(**NJIT_INLINE_OPTS)
 def _serve(mb, max_polls, dt):
+    """Serve jobs until mb[MB_QUIT] is set.  State 1 (spinning): poll without pause;
+    after mb[MB_IDLE] ticks with no job (or ``max_polls`` polls without a counter),
+    state 2 (dozing): poll between sleeps that grow from 50 us to 1 ms (10 ms after
+    about a second), until a job or a poke (mb[MB_POKE], set by a caller that found
+    the worker dozing) comes."""
     polls = 0
     t0 = cycle_counter()
+    nap = 0
+    naps = 0
     atomic_store(mb, MB_STATE, 1)
-    while True:
+    while atomic_load(mb, MB_QUIT) == 0:
         job = atomic_load(mb, MB_JOB)
         taken = atomic_load(mb, MB_TAKEN)
         if job != taken:
             if atomic_cas(mb, MB_TAKEN, taken, job):
                 _run_posted(mb, dt)
                 atomic_store(mb, MB_DONE, job)
-            polls = 0
-            t0 = cycle_counter()
+            nap = 0
+        elif nap > 0:
+            os_sleep_us(nap)
+            naps += 1
+            if atomic_load(mb, MB_POKE) != 0:
+                atomic_store(mb, MB_POKE, 0)
+                nap = 0
+            else:
+                # naps of up to 1 ms for the first second or so, then up to 10 ms
+                nap = min(2 * nap, 1_000 if naps < 1_000 else 10_000)
+                continue
         else:
             polls += 1
-            # idle for idle_ticks of the cycle counter; where it reads 0 (no counter on
-            # this target), for max_polls polls
             if (polls & 1023) == 0 and (
                     (t0 != 0 and cycle_counter() - t0 >= atomic_load(mb, MB_IDLE))
                     or (t0 == 0 and polls >= max_polls)):
-                atomic_store(mb, MB_STATE, 0)
-                # a job posted while the state still read 1 is taken before leaving
-                if atomic_load(mb, MB_JOB) == atomic_load(mb, MB_TAKEN):
-                    return 0
-                atomic_store(mb, MB_STATE, 1)
-                polls = 0
-                t0 = cycle_counter()
+                nap = 50
+                naps = 0
+                atomic_store(mb, MB_STATE, 2)
+            continue
+        # a job or a poke: spin again
+        polls = 0
+        t0 = cycle_counter()
+        atomic_store(mb, MB_STATE, 1)
+    atomic_store(mb, MB_STATE, 0)
+    return 0
 
 
 @njit(**NJIT_OPTS)
 def serve_float32(mb, max_polls):
-    """The worker thread's loop for float32 jobs: take each posted job and run its
-    part 1; return when no job came for mb[MB_IDLE] cycle-counter ticks (or
-    ``max_polls`` polls, where there is no counter); the caller then sleeps until woken."""
+    """The worker thread's loop for float32 jobs (see ``_serve``); it never needs the
+    GIL, so a caller never waits for it; returns only when mb[MB_QUIT] is set."""
     return _serve(mb, max_polls, np.float32)
 
 
@@ -433,13 +451,13 @@ def serve_float64(mb, max_polls):
 
 @njit(**NJIT_OPTS)
 def finish_job(mb, seq):
-    """After part 0 of job ``seq`` returned: cancel the job if the pool thread has not
-    taken it (part 0 then ran it alone), else wait until the pool thread is done with it.
-    Afterwards nothing refers to the job's arrays any more."""
-    if atomic_cas(mb, MB_TAKEN, seq - 1, seq):
-        return False
-    wait_at_least(mb, MB_DONE, seq)
-    return True
+    """After part 0 of job ``seq`` returned: cancel the job if the worker has not taken
+    it (part 0 then ran it alone).  Returns True when the worker has taken it: its
+    part 1 then has finished writing the outputs (the two parts passed a last barrier
+    together, or part 1 found the job taken and writes only its scratch row), but it
+    may still be running, so the job's arrays must be kept alive until mb[MB_DONE]
+    reaches ``seq``."""
+    return not atomic_cas(mb, MB_TAKEN, seq - 1, seq)
 
 
 @njit(**NJIT_INLINE_OPTS)

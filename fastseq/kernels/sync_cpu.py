@@ -5,7 +5,7 @@ Numba has no atomics for CPU code, so these emit LLVM atomic instructions direct
 swap, sequentially consistent) on an element of an int64 array, ``cpu_pause`` (the x86
 PAUSE spin-loop hint; nothing on other targets), ``os_yield`` (``sched_yield``) and
 ``address_to_voidptr`` (to view memory posted by address with ``numba.carray``) and
-``cycle_counter`` (RDTSC).
+``cycle_counter`` (RDTSC) and ``os_sleep_us`` (``usleep``).
 
 A release store of a flag after plain stores of data, and an acquire load of the flag
 before plain loads of that data, order them for the compiler and the CPU: a thread that
@@ -126,6 +126,21 @@ def os_yield(typingctx):
         builder.call(fn, [])
         return context.get_dummy_value()
     return types.void(), codegen
+
+
+@intrinsic
+def os_sleep_us(typingctx, us):
+    """Sleep this thread for ``us`` microseconds (``usleep``), without the GIL."""
+    if not isinstance(us, types.Integer):
+        raise TypeError("os_sleep_us takes an integer")
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "usleep")
+        v = context.cast(builder, args[0], sig.args[0], types.int32)
+        builder.call(fn, [v])
+        return context.get_dummy_value()
+    return types.void(us), codegen
 
 
 # Waits spin on plain loads (no PAUSE: under a hypervisor, a PAUSE loop can trigger
