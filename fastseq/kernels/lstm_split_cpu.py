@@ -457,7 +457,12 @@ def finish_job(mb, seq):
     together, or part 1 found the job taken and writes only its scratch row), but it
     may still be running, so the job's arrays must be kept alive until mb[MB_DONE]
     reaches ``seq``."""
-    return not atomic_cas(mb, MB_TAKEN, seq - 1, seq)
+    if atomic_cas(mb, MB_TAKEN, seq - 1, seq):
+        # cancelled: nobody will run it, so it counts as done (jobs are posted only
+        # when the worker has finished the previous one, so nothing else writes DONE)
+        atomic_store(mb, MB_DONE, seq)
+        return False
+    return True
 
 
 @njit(**NJIT_INLINE_OPTS)
