@@ -178,18 +178,28 @@ class LSTM(Layer):
         return y, mask
 
     def _forward_dense_cpu(self, x, mask, dense_layer):
+        return self._run_cpu(np.ascontiguousarray(self._cast(x)), self.kernel, mask,
+                             dense_layer)
+
+    def _run_cpu(self, x, W, mask, dense_layer=None, table=None):
+        """The CPU driver on checked host arrays: x [B, T, D] with kernel W, or token ids
+        [B, T] with the (embeddings @ W) ``table``; ``dense_layer`` as the epilogue."""
         U = self.recurrent_kernel
         b = self.bias if self.bias is not None else np.zeros(U.shape[1], self.dtype)
-        K = dense_layer.kernel.shape[1]
-        bd = dense_layer.bias if dense_layer.bias is not None else np.zeros(K, self.dtype)
+        ep = None
+        if dense_layer is not None:
+            K = dense_layer.kernel.shape[1]
+            bd = (dense_layer.bias if dense_layer.bias is not None
+                  else np.zeros(K, self.dtype))
+            ep = (dense_layer.kernel, bd, dense_layer.activation)
         m = None if mask is None else np.ascontiguousarray(mask, dtype=bool)
         return _cpu.lstm_forward(
-            np.ascontiguousarray(self._cast(x)), self.kernel, U, b, None, None, m,
-            go_backwards=self.go_backwards, return_sequences=True,
+            x, W, U, b, None, None, m, go_backwards=self.go_backwards,
+            return_sequences=self.return_sequences,
             zero_output_for_mask=self.zero_output_for_mask,
             act=LSTM_ACTIVATIONS[self.activation],
-            rec=LSTM_ACTIVATIONS[self.recurrent_activation],
-            epilogue=(dense_layer.kernel, bd, dense_layer.activation))[0]
+            rec=LSTM_ACTIVATIONS[self.recurrent_activation], epilogue=ep,
+            table=table)[0]
 
     def macs(self, shape):
         """Multiply-adds of a pass over input of ``shape`` [B, T, D] (D = 0: the input
@@ -208,23 +218,7 @@ class LSTM(Layer):
             self._table = np.matmul(embedding.embeddings.astype(self.dtype, copy=False),
                                     self.kernel)
             self._table_key = key
-        U = self.recurrent_kernel
-        b = self.bias if self.bias is not None else np.zeros(U.shape[1], self.dtype)
-        ep = None
-        if dense_layer is not None:
-            K = dense_layer.kernel.shape[1]
-            bd = (dense_layer.bias if dense_layer.bias is not None
-                  else np.zeros(K, self.dtype))
-            ep = (dense_layer.kernel, bd, dense_layer.activation)
-        m = None if mask is None else np.ascontiguousarray(mask, dtype=bool)
-        out = _cpu.lstm_forward(
-            ids, None, U, b, None, None, m, go_backwards=self.go_backwards,
-            return_sequences=self.return_sequences,
-            zero_output_for_mask=self.zero_output_for_mask,
-            act=LSTM_ACTIVATIONS[self.activation],
-            rec=LSTM_ACTIVATIONS[self.recurrent_activation], epilogue=ep,
-            table=self._table)[0]
-        return out
+        return self._run_cpu(ids, None, mask, dense_layer, table=self._table)
 
     def fuses_with(self, layer):
         """True when ``forward_dense`` can run this layer and the Dense ``layer``."""

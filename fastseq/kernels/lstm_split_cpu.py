@@ -22,8 +22,8 @@ import numpy as np
 from numba import carray, njit
 
 from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
-from .activations import apply_act, ACT_TANH, ACT_SIGMOID
 from .dense_cpu import bias_act_rows
+from .lstm_cpu import _cell_row
 from .sync_cpu import (address_to_voidptr, atomic_cas, atomic_load, atomic_store,
                        barrier, claim, cycle_counter, os_sleep_us, wait_at_least)
 
@@ -31,23 +31,24 @@ OUT_NONE, OUT_SEQUENCE, OUT_EPILOGUE = 0, 1, 2
 
 
 @njit(**NJIT_INLINE_OPTS)
-def _gemm_acc(A, a0, Bm, Z, z0, M):
-    """Z[z0 + m, j] += sum_k A[a0 + m, k] * Bm[k, j] for m < M.
+def _gemm_acc(A, Bm, Z):
+    """Z += A Bm.
 
-    A:  [*, Kd]
+    A:  [M, Kd]
     Bm: [Kd, n], C-contiguous (rows are contiguous, so the j loops vectorise)
-    Z:  [*, n]
-    Rows four at a time with k unrolled by four, as in ``lstm_cpu.lstm_chunk_fused``.
+    Z:  [M, n]
+    Rows four at a time with k unrolled by four, the loops of
+    ``lstm_cpu.lstm_chunk_fused`` (which keeps them inline: calling this function from
+    there made it 20-30% slower, bench/gemm_rates.py).
     """
-    n = Z.shape[1]
+    M, n = Z.shape
     Kd = A.shape[1]
     M4 = M - M % 4
-    for mm in range(0, M4, 4):
-        m = a0 + mm
-        z0r = Z[z0 + mm]
-        z1r = Z[z0 + mm + 1]
-        z2r = Z[z0 + mm + 2]
-        z3r = Z[z0 + mm + 3]
+    for m in range(0, M4, 4):
+        z0r = Z[m]
+        z1r = Z[m + 1]
+        z2r = Z[m + 2]
+        z3r = Z[m + 3]
         k = 0
         while k + 4 <= Kd:
             a_0 = A[m, k]
@@ -93,9 +94,8 @@ def _gemm_acc(A, a0, Bm, Z, z0, M):
                 z2r[j] += a_2 * p
                 z3r[j] += a_3 * p
             k += 1
-    for mm in range(M4, M):
-        m = a0 + mm
-        zr = Z[z0 + mm]
+    for m in range(M4, M):
+        zr = Z[m]
         k = 0
         while k + 4 <= Kd:
             a_0 = A[m, k]
@@ -152,7 +152,7 @@ def _project(x, t0, n, Wp, bp, xw):
         for t in range(n):
             for j in range(bp.shape[0]):
                 zx[t, j] = bp[j]
-        _gemm_acc(x[r], t0, Wp, zx, 0, n)
+        _gemm_acc(x[r, t0:t0 + n], Wp, zx[:n])
 
 
 @njit(**NJIT_INLINE_OPTS)
@@ -165,32 +165,11 @@ def _step(s, t, u0, Up, xw, z, hc, hn, c, seen, mask, seqbuf, out, out_mode,
     for r in range(Bp):
         for j in range(G):
             z[r, j] = xw[r, t, j]
-    _gemm_acc(hc, 0, Up, z, 0, Bp)
+    _gemm_acc(hc, Up, z)
     for r in range(Bp):
         on = mask[r, s] != 0
         if on:
-            zr = z[r]
-            cr = c[r, u0:u0 + Hh]
-            hr = hn[r, u0:u0 + Hh]
-            if act == ACT_TANH and rec == ACT_SIGMOID:
-                # the common case, written out so the loop vectorises
-                for j in range(Hh):
-                    i = apply_act(ACT_SIGMOID, zr[j])
-                    f = apply_act(ACT_SIGMOID, zr[Hh + j])
-                    gg = apply_act(ACT_TANH, zr[2 * Hh + j])
-                    o = apply_act(ACT_SIGMOID, zr[3 * Hh + j])
-                    cn = f * cr[j] + i * gg
-                    cr[j] = cn
-                    hr[j] = o * apply_act(ACT_TANH, cn)
-            else:
-                for j in range(Hh):
-                    i = apply_act(rec, zr[j])
-                    f = apply_act(rec, zr[Hh + j])
-                    gg = apply_act(act, zr[2 * Hh + j])
-                    o = apply_act(rec, zr[3 * Hh + j])
-                    cn = f * cr[j] + i * gg
-                    cr[j] = cn
-                    hr[j] = o * apply_act(act, cn)
+            _cell_row(z[r], hn[r, u0:u0 + Hh], c[r, u0:u0 + Hh], Hh, act, rec)
             seen[r] = 1
         else:
             for j in range(Hh):
@@ -291,7 +270,8 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
                 tlo = max(lo - r * n, 0)
                 thi = min(hi - r * n, n)
                 if tlo < thi:
-                    _gemm_acc(seqbuf[r], tlo, Wd, yb, r * n + tlo - lo, thi - tlo)
+                    q0 = r * n + tlo - lo
+                    _gemm_acc(seqbuf[r, tlo:thi], Wd, yb[q0:q0 + thi - tlo])
             bias_act_rows(yb[:hi - lo], bd, dense_code)
             for q in range(lo, hi):
                 r = q // n

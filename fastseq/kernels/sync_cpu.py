@@ -2,10 +2,9 @@
 
 Numba has no atomics for CPU code, so these emit LLVM atomic instructions directly:
 ``atomic_load`` (acquire), ``atomic_store`` (release) and ``atomic_cas`` (compare and
-swap, sequentially consistent) on an element of an int64 array, ``cpu_pause`` (the x86
-PAUSE spin-loop hint; nothing on other targets), ``os_yield`` (``sched_yield``) and
-``address_to_voidptr`` (to view memory posted by address with ``numba.carray``) and
-``cycle_counter`` (RDTSC) and ``os_sleep_us`` (``usleep``).
+swap, sequentially consistent) on an element of an int64 array, ``os_yield``
+(``sched_yield``), ``os_sleep_us`` (``usleep``), ``cycle_counter`` (RDTSC) and
+``address_to_voidptr`` (to view memory posted by address with ``numba.carray``).
 
 A release store of a flag after plain stores of data, and an acquire load of the flag
 before plain loads of that data, order them for the compiler and the CPU: a thread that
@@ -15,8 +14,6 @@ sees the flag sees the data.
 word, slots SYNC_STRIDE and 2 * SYNC_STRIDE the epoch counters of parts 0 and 1, each on
 its own 64-byte cache line so the two threads do not write the same line.
 """
-import platform
-
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -28,9 +25,6 @@ SYNC_STRIDE = 8            # int64 slots per cache line
 SYNC_SIZE = 3 * SYNC_STRIDE
 # claim word states
 CLAIM_FREE, ARRIVED_0, ARRIVED_1, CLAIM_BOTH, CLAIM_ALONE = 0, 1, 2, 3, 4
-
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-
 
 def _item_pointer(context, builder, aty, arr, idx):
     ary = context.make_array(aty)(context, builder, arr)
@@ -103,18 +97,6 @@ def cycle_counter(typingctx):
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter")
         return builder.call(fn, [])
     return types.int64(), codegen
-
-
-@intrinsic
-def cpu_pause(typingctx):
-    """Spin-loop hint (x86 PAUSE)."""
-    def codegen(context, builder, sig, args):
-        if _X86:
-            fnty = ir.FunctionType(ir.VoidType(), [])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse2.pause")
-            builder.call(fn, [])
-        return context.get_dummy_value()
-    return types.void(), codegen
 
 
 @intrinsic
