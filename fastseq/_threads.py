@@ -114,8 +114,8 @@ class SplitWorker:
     (one worker per float dtype).  It lives in Numba code and never takes the GIL:
     for a few milliseconds after each job (``config.SPLIT_WORKER_IDLE_TICKS``) it spins,
     so calls in quick succession hand it their job in well under a microsecond; then it
-    dozes (polls between sleeps of up to 1 ms, 10 ms after a second).  A caller that finds it dozing runs
-    its job alone and pokes it to spin again for the calls to come.
+    dozes (polls between sleeps of up to 1 ms, 10 ms after a second).  A caller that
+    finds it dozing runs its job alone and pokes it to spin again for the calls to come.
     """
 
     def __init__(self, dtype):
