@@ -12,7 +12,7 @@ import numpy as np
 from . import config
 from . import _threads
 from ._threads import split, run_blocks
-from .kernels import lstm_cpu, lstm_split_cpu, dense_cpu, sync_cpu
+from .kernels import lstm_cpu, lstm_split_cpu, lstm_table_cpu, dense_cpu, sync_cpu, worker_cpu
 from .kernels.activations import ACTIVATION_CODES
 
 _DENSE_CODES = dict(ACTIVATION_CODES)
@@ -137,13 +137,13 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
 
     args = (x, W, U, b, hbuf, c, seen, mask, Tc, scratch, seqbuf, o, mode, Wd, bd, code,
             ybuf, zero_output, act, rec)
-    ks = lstm_split_cpu
-    worker = _threads.split_worker(dt, start=False)
+    kw = worker_cpu
+    worker = _threads.worker(dt, start=False)
     if worker is None:
         # first call of this dtype: run alone, then start the worker (it compiles its
         # loop in the background the first time)
         _run_part(0, sync, 0, *args)
-        _threads.split_worker(dt)
+        _threads.worker(dt)
     elif not worker.lock.acquire(blocking=False):
         # another thread's job is using the worker: run this one alone
         _run_part(0, sync, 0, *args)
@@ -153,12 +153,12 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
             if worker.spinning() and not worker.busy():
                 worker.seq += 1
                 seq = worker.seq
-                ks.post_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS, *args)
+                kw.post_split_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS, *args)
                 taken = True
                 try:
                     _run_part(0, sync, config.SPLIT_CLAIM_TICKS, *args)
                 finally:
-                    taken = ks.finish_job(worker.mb, seq)
+                    taken = kw.finish_job(worker.mb, seq)
                     if taken:
                         # the worker may still be returning from its part: keep what
                         # it can touch alive until it is done (never wait for it)
@@ -171,6 +171,85 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
         finally:
             worker.lock.release()
     h[...] = hbuf[T % 2]
+
+
+def table_dense_pair(ids, m8, parts, bd, activation):
+    """A Bidirectional LSTM fed by an Embedding and followed by a Dense, on the CPU:
+    each direction in one ``lstm_table_cpu.lstm_table_dense`` call (all chunks, its
+    half of the Dense), the second on the worker thread when two threads are allowed
+    (``kernels/worker_cpu``: handed over without the GIL or a thread wake-up), then
+    activation(y_f + y_b + bd).
+
+    ids: [B, T] int64 token ids; m8: [B, T] uint8 mask or None
+    parts: for each direction (table [V, 4H], Ub = block_columns(U), b [4H], WdT [K, H]
+    (its rows of the Dense kernel, transposed), reverse, flip_out, zero_output, act, rec) (see ``lstm_table_dense``).  Returns y [B, T, K].
+    """
+    B, T = ids.shape
+    dt = parts[0][0].dtype
+    K = parts[0][3].shape[0]
+    mask = np.ones((B, T), np.uint8) if m8 is None else m8
+    jobs = []
+    macs = 0
+    for table, Ub, b, WdT, reverse, flip_out, zero_output, act, rec in parts:
+        H = Ub.shape[1]
+        G = 4 * H
+        Tc = chunk_steps(B, G, dt.itemsize, T)
+        jobs.append((table, ids, mask, Ub, b, WdT, np.zeros((B, H), dt),
+                     np.zeros((B, H), dt), np.zeros(B, np.uint8), reverse, flip_out,
+                     zero_output, act, rec, np.empty(B * Tc, np.int64), np.empty(B * Tc, np.uint8),
+                     np.empty((Ub.shape[0], B, Ub.shape[2]), dt), np.empty(G, dt),
+                     np.empty(B * Tc * H, dt), np.empty((B, T, K), dt)))
+        macs = max(macs, B * T * (H * G + H * K))
+    kt = lstm_table_cpu.lstm_table_dense
+    if _threads.get_num_threads() < 2 or macs < config.MIN_MACS_PER_THREAD:
+        kt(*jobs[0])
+        kt(*jobs[1])
+    else:
+        _run_table_jobs(jobs, dt)
+    y = jobs[0][-1]
+    y += jobs[1][-1]
+    bias_act(y.reshape(B * T, K), bd, activation)
+    return y
+
+
+def _run_table_jobs(jobs, dt):
+    """jobs[0] on this thread, jobs[1] on the worker (this thread runs it when the
+    worker has not taken it by then, or is someone else's now)."""
+    kt = lstm_table_cpu.lstm_table_dense
+    kw = worker_cpu
+    worker = _threads.worker(dt, start=False)
+    if worker is None or not worker.lock.acquire(blocking=False):
+        # first call of this dtype (start the worker for the calls to come; it
+        # compiles its loop in the background the first time), or another thread's
+        # job has the worker
+        kt(*jobs[0])
+        kt(*jobs[1])
+        if worker is None:
+            _threads.worker(dt)
+        return
+    try:
+        worker.release_done()
+        if worker.busy():
+            # still returning from an earlier job: do both here
+            kt(*jobs[0])
+            kt(*jobs[1])
+            return
+        if not worker.spinning():
+            worker.wake()
+        worker.seq += 1
+        seq = worker.seq
+        kw.post_table_job(worker.mb, seq, *jobs[1])
+        taken = True
+        try:
+            kt(*jobs[0])
+        finally:
+            taken = kw.finish_job(worker.mb, seq)
+            if taken:
+                kw.wait_done(worker.mb, seq)
+        if not taken:
+            kt(*jobs[1])
+    finally:
+        worker.lock.release()
 
 
 def block_columns(U):

@@ -109,67 +109,69 @@ def run_blocks(fn, blocks):
                 f.result()
 
 
-class SplitWorker:
-    """A thread that runs part 1 of the two-thread jobs of ``kernels/lstm_split_cpu``
-    (one worker per float dtype).  It lives in Numba code and never takes the GIL:
-    for a few milliseconds after each job (``config.SPLIT_WORKER_IDLE_TICKS``) it spins,
-    so calls in quick succession hand it their job in well under a microsecond; then it
-    dozes (polls between sleeps of up to 1 ms, 10 ms after a second).  A caller that
-    finds it dozing runs its job alone and pokes it to spin again for the calls to come.
+class Worker:
+    """A thread that runs jobs posted through ``kernels/worker_cpu``'s mailbox (one
+    worker per float dtype): part 1 of the two-thread jobs of ``lstm_split_cpu``, and
+    the second direction of a Bidirectional layer fed by an Embedding
+    (``lstm_table_cpu``).  It lives in Numba code and never takes the GIL: for a few
+    milliseconds after each job (``config.SPLIT_WORKER_IDLE_TICKS``) it spins, so calls
+    in quick succession hand it their job in well under a microsecond; then it dozes
+    (polls between sleeps of up to 1 ms, 10 ms after a second).  A caller that finds it
+    dozing pokes it to spin again for the calls to come.
     """
 
     def __init__(self, dtype):
-        from .kernels import lstm_split_cpu as ks
-        self.ks = ks
-        self.mb = np.zeros(ks.MB_SIZE, np.int64)
-        self.mb[ks.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
-        self.serve = ks.serve_float32 if dtype == np.float32 else ks.serve_float64
+        from .kernels import worker_cpu as kw
+        self.kw = kw
+        self.mb = np.zeros(kw.MB_SIZE, np.int64)
+        self.mb[kw.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
+        self.serve = kw.serve_float32 if dtype == np.float32 else kw.serve_float64
         self.lock = threading.Lock()
         self.seq = 0
         self.held = []          # (job, arrays) the worker may still touch
         self.pid = os.getpid()
         self.thread = threading.Thread(target=self.serve,
                                        args=(self.mb, config.SPLIT_WORKER_MAX_POLLS),
-                                       daemon=True, name="fastseq-split")
+                                       daemon=True, name="fastseq-worker")
         self.thread.start()
 
     def spinning(self):
-        return self.mb[self.ks.MB_STATE] == 1
+        return self.mb[self.kw.MB_STATE] == 1
 
     def busy(self):
         """Whether the worker has taken a job it has not finished (the mailbox must not
         be written then)."""
-        return self.mb[self.ks.MB_DONE] < self.mb[self.ks.MB_TAKEN]
+        return self.mb[self.kw.MB_DONE] < self.mb[self.kw.MB_TAKEN]
 
     def hold(self, seq, refs):
         """Keep ``refs`` (a job's arrays) alive until the worker finishes job ``seq``."""
         self.held.append((seq, refs))
 
     def release_done(self):
-        done = self.mb[self.ks.MB_DONE]
+        done = self.mb[self.kw.MB_DONE]
         self.held = [(s, r) for s, r in self.held if s > done]
 
     def wake(self):
         """Make a dozing worker spin again (for SPLIT_WORKER_IDLE_TICKS as now set)."""
-        self.mb[self.ks.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
-        self.mb[self.ks.MB_POKE] = 1
+        self.mb[self.kw.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
+        self.mb[self.kw.MB_POKE] = 1
 
     def rest(self):
         """Make the worker stop spinning now (it dozes until the next poke)."""
-        self.mb[self.ks.MB_IDLE] = 0
+        self.mb[self.kw.MB_IDLE] = 0
 
 
-_split_workers = {}
+_workers = {}
 
 
-def split_worker(dtype, start=True):
-    """The SplitWorker of ``dtype`` in this process; with ``start``, started if there
-    is none yet (or only one inherited through fork), else None then."""
+def worker(dtype, start=True):
+    """The Worker of ``dtype`` in this process; with ``start``, started if there is
+    none yet (or only one inherited through fork), else None then."""
     key = np.dtype(dtype)
     with _lock:
-        w = _split_workers.get(key)
+        w = _workers.get(key)
         if w is None or w.pid != os.getpid():
-            w = _split_workers[key] = SplitWorker(key) if start else None
+            w = _workers[key] = Worker(key) if start else None
     return w
 
 

@@ -59,7 +59,7 @@ SPLIT_UNITS_MIN_STEP_MACS = 16_384
 # job alone (polls where the target has no counter).
 SPLIT_CLAIM_TICKS = 65_000
 # How long the split worker thread spins after a job, waiting for the next one, before
-# it goes to sleep (_threads.SplitWorker): cycle-counter ticks (about 3 ms at a 3 GHz
+# it goes to sleep (_threads.Worker): cycle-counter ticks (about 3 ms at a 3 GHz
 # time-stamp counter), and a cap on polls for targets without a counter.
 SPLIT_WORKER_IDLE_TICKS = 10_000_000
 SPLIT_WORKER_MAX_POLLS = 50_000_000

@@ -31,7 +31,7 @@ import types
 import numpy as np
 from scipy import special
 
-from . import _cpu, _validate
+from . import _cpu, _validate, config
 from ._threads import run_pair
 from .ops import DENSE_ACTIVATIONS, LSTM_ACTIVATIONS, _lstm_args, dense, lstm, lstm_dense
 
@@ -213,12 +213,19 @@ class LSTM(Layer):
         is row ``i`` of the table (embeddings @ kernel), [V, 4H], built once per weights
         version; exact, since (E W)[i] = E[i] W.  With ``dense_layer`` the Dense runs on
         each chunk of outputs (as in ``forward_dense``)."""
+        table, _ = self.table_for(embedding, version)
+        return self._run_cpu(ids, None, mask, dense_layer, table=table)
+
+    def table_for(self, embedding, version):
+        """(embeddings @ kernel [V, 4H], the recurrent kernel cut into column blocks
+        for the fused kernel), cached per weights version."""
         key = (id(embedding.embeddings), version)
         if getattr(self, "_table_key", None) != key:
             self._table = np.matmul(embedding.embeddings.astype(self.dtype, copy=False),
                                     self.kernel)
+            self._blocks = _cpu.block_columns(self.recurrent_kernel)
             self._table_key = key
-        return self._run_cpu(ids, None, mask, dense_layer, table=self._table)
+        return self._table, self._blocks
 
     def fuses_with(self, layer):
         """True when ``forward_dense`` can run this layer and the Dense ``layer``."""
@@ -279,16 +286,31 @@ class Bidirectional(Layer):
         activation, in one pass."""
         fwd, bwd = self.forward_layer, self.backward_layer
         halves = self._dense_halves(dense_layer, version)
+        K = dense_layer.kernel.shape[1]
+        bd = (dense_layer.bias if dense_layer.bias is not None
+              else np.zeros(K, self.dtype))
+        B = ids.shape[0]
+        H = max(fwd.recurrent_kernel.shape[0], bwd.recurrent_kernel.shape[0])
+        if B * H * 4 * H < config.GEMM_MIN_STEP_MACS:
+            # each direction in one Numba call, the second on the worker thread
+            parts = []
+            # the backward layer's sequence is flipped before the merge
+            for layer, half, flip in ((fwd, halves[0], False), (bwd, halves[1], True)):
+                table, blocks = layer.table_for(embedding, version)
+                b = (layer.bias if layer.bias is not None
+                     else np.zeros(table.shape[1], self.dtype))
+                parts.append((table, blocks, b, half.kernel_t, layer.go_backwards, flip,
+                              layer.zero_output_for_mask,
+                              LSTM_ACTIVATIONS[layer.activation],
+                              LSTM_ACTIVATIONS[layer.recurrent_activation]))
+            m8 = None if mask is None else np.ascontiguousarray(mask, dtype=bool).view(
+                np.uint8)
+            return _cpu.table_dense_pair(ids, m8, parts, bd, dense_layer.activation)
         y, y_rev = run_pair(
             lambda: fwd.forward_table(ids, mask, embedding, version, dense_layer=halves[0]),
             lambda: bwd.forward_table(ids, mask, embedding, version, dense_layer=halves[1]),
             fwd.macs(ids.shape[:2] + (0,)))
-        if bwd.go_backwards:
-            y_rev = y_rev[:, ::-1]
-        y += y_rev
-        K = y.shape[-1]
-        bd = (dense_layer.bias if dense_layer.bias is not None
-              else np.zeros(K, self.dtype))
+        y += y_rev[:, ::-1]     # the backward sequence is flipped before the merge
         _cpu.bias_act(y.reshape(-1, K), bd, dense_layer.activation)
         return y
 
@@ -300,7 +322,8 @@ class Bidirectional(Layer):
             Hf = self.forward_layer.recurrent_kernel.shape[0]
             Wd = dense_layer.kernel
             self._halves = [
-                types.SimpleNamespace(kernel=np.ascontiguousarray(part), bias=None,
+                types.SimpleNamespace(kernel=np.ascontiguousarray(part),
+                                      kernel_t=np.ascontiguousarray(part.T), bias=None,
                                       activation="linear")
                 for part in (Wd[:Hf], Wd[Hf:])]
             self._halves_key = key

@@ -1,6 +1,6 @@
 """The small-batch LSTM split by hidden units across two threads
 (``fastseq/kernels/lstm_split_cpu.py``, atomics in ``kernels/sync_cpu.py``, the worker
-thread in ``fastseq/_threads.py``).
+thread in ``fastseq/_threads.py``, its mailbox in ``kernels/worker_cpu.py``).
 
 The ``split`` paths of the ``cpu_path`` fixture run every LSTM test through it; here:
 that the driver really runs both parts at once, that the claim protocol gives the right
@@ -16,7 +16,7 @@ import pytest
 
 import fastseq
 from fastseq import _cpu, _threads, config
-from fastseq.kernels import lstm_split_cpu, sync_cpu
+from fastseq.kernels import lstm_split_cpu, sync_cpu, worker_cpu
 from fastseq.ops import lstm_dense
 from reference import ref_dense, ref_lstm
 
@@ -53,7 +53,7 @@ def workers_rest():
     """After each test, split workers stop spinning (a test may have set them to spin
     for ever): a spinning worker left behind would take a core from the next test."""
     yield
-    for w in list(_threads._split_workers.values()):
+    for w in list(_threads._workers.values()):
         if w is not None:
             w.rest()
 
@@ -61,12 +61,12 @@ def workers_rest():
 def _spinning_worker(dtype, timeout=120.0):
     """The split worker of ``dtype``, started, awake and spinning (its first start
     compiles its loop, which can take a while on a cold cache)."""
-    w = _threads.split_worker(dtype)
+    w = _threads.worker(dtype)
     w.wake()            # also sets its idle time from the config, as patched
     deadline = time.monotonic() + timeout
     while not w.spinning():
         w.wake()
-        assert time.monotonic() < deadline, "the split worker never started spinning"
+        assert time.monotonic() < deadline, "the worker never started spinning"
         time.sleep(0.001)
     return w
 
@@ -149,7 +149,7 @@ def _job(rng, B=2, T=13, D=5, H=9, K=4, dtype=np.float32, Tc=4):
 
 
 def _post(mb, seq, st, spins):
-    lstm_split_cpu.post_job(
+    worker_cpu.post_split_job(
         mb, seq, st["sync"], spins, st["x"], st["W"], st["U"], st["b"], st["hbuf"],
         st["c"], st["seen"], st["mask"], st["Tc"], st["scratch"], st["seqbuf"],
         st["out"], lstm_split_cpu.OUT_EPILOGUE, st["Wd"], st["bd"], 100, st["ybuf"],
@@ -221,9 +221,9 @@ def test_worker_serves_posted_jobs(rng, assert_close, monkeypatch, dtype):
             w.seq += 1
             _post(w.mb, w.seq, st, 10 ** 9)
             assert _part(0, st, 10 ** 9) == 2
-            assert lstm_split_cpu.finish_job(w.mb, w.seq)      # taken
+            assert worker_cpu.finish_job(w.mb, w.seq)      # taken
             deadline = time.monotonic() + 10
-            while w.mb[lstm_split_cpu.MB_DONE] < w.seq:
+            while w.mb[worker_cpu.MB_DONE] < w.seq:
                 assert time.monotonic() < deadline, "the worker never finished its part"
                 time.sleep(0.0001)
             assert_close(st["out"], want, atol, rtol, what="posted job")
@@ -232,13 +232,13 @@ def test_worker_serves_posted_jobs(rng, assert_close, monkeypatch, dtype):
 def test_unserved_job_is_cancelled(rng, assert_close):
     """A job posted to a mailbox nobody serves: part 0 runs it alone, and finish_job
     cancels it, so no thread can pick it up later."""
-    mb = np.zeros(lstm_split_cpu.MB_SIZE, np.int64)
+    mb = np.zeros(worker_cpu.MB_SIZE, np.int64)
     st, want = _job(rng)
     _post(mb, 1, st, 1000)
     assert _part(0, st, 1000) == 1
-    assert not lstm_split_cpu.finish_job(mb, 1)
+    assert not worker_cpu.finish_job(mb, 1)
     # cancelled, and counted as done, so the next job can be posted
-    assert mb[lstm_split_cpu.MB_TAKEN] == 1 and mb[lstm_split_cpu.MB_DONE] == 1
+    assert mb[worker_cpu.MB_TAKEN] == 1 and mb[worker_cpu.MB_DONE] == 1
     atol, rtol = config.tolerance(np.float32)
     assert_close(st["out"], want, atol, rtol, what="cancelled job run alone")
 

@@ -36,6 +36,8 @@ CASES = {
     "lstm_last": lambda: _model(keras.layers.LSTM(6), head=False),
     "bi_concat": lambda: _model(keras.layers.Bidirectional(
         keras.layers.LSTM(6, return_sequences=True))),
+    "bi_concat_no_head": lambda: _model(keras.layers.Bidirectional(
+        keras.layers.LSTM(6, return_sequences=True)), head=False),
     "bi_sum_last": lambda: _model(keras.layers.Bidirectional(
         keras.layers.LSTM(6), merge_mode="sum"), head=False),
     "no_mask": lambda: _model(keras.layers.LSTM(6, return_sequences=True),
@@ -54,6 +56,9 @@ FUSED_BI = {
         keras.layers.LSTM(6, return_sequences=True),
         backward_layer=keras.layers.LSTM(6, return_sequences=True, go_backwards=True,
                                          recurrent_activation="hard_sigmoid"))),
+    "swapped_directions": lambda: _model(keras.layers.Bidirectional(
+        keras.layers.LSTM(6, return_sequences=True, go_backwards=True),
+        backward_layer=keras.layers.LSTM(6, return_sequences=True))),
     "relu_no_mask": lambda: keras.Sequential([
         keras.Input((None,), dtype="int32"), keras.layers.Embedding(30, 5),
         keras.layers.Bidirectional(keras.layers.LSTM(6, return_sequences=True)),
@@ -75,28 +80,51 @@ def test_table_path_matches_keras(case):
     assert diff <= config.KERAS_PARITY_ATOL, diff
 
 
+# How the two directions run: "one_call": each in one Numba call (lstm_table_dense),
+# both on this thread (tiny work); "worker": the same with the second direction handed
+# to the worker thread (work threshold 1); "per_chunk": the general driver, per chunk
+# from Python (what a batch too large for the fused kernel takes).
+ROUTES = {
+    "one_call": {},
+    "worker": {"MIN_MACS_PER_THREAD": 1},
+    "per_chunk": {"GEMM_MIN_STEP_MACS": 1},
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("case", list(FUSED_BI))
-def test_bidirectional_dense_fused(case, monkeypatch):
+def test_bidirectional_dense_fused(case, route, monkeypatch):
     """The Dense after a concat Bidirectional runs as two halves, one per direction,
-    and the result equals Keras's."""
-    from fastseq import keras_import
+    and the result equals Keras's, whichever way the directions run."""
+    from fastseq import _cpu, keras_import
     calls = []
     real = keras_import.Bidirectional.forward_table_dense
+    real_pair = _cpu.table_dense_pair
 
     def spy(self, *args):
         calls.append(case)
         return real(self, *args)
 
+    def spy_pair(*args):
+        calls.append("one_call")
+        return real_pair(*args)
+
     monkeypatch.setattr(keras_import.Bidirectional, "forward_table_dense", spy)
+    monkeypatch.setattr(_cpu, "table_dense_pair", spy_pair)
+    for name, value in ROUTES[route].items():
+        monkeypatch.setattr(config, name, value)
     model = FUSED_BI[case]()
     rng = np.random.default_rng(2)
     model.set_weights([rng.standard_normal(w.shape).astype(np.float32) * 0.5
                        for w in model.get_weights()])
     ids = _ids()
-    got = fastseq.from_keras(model).predict(ids)
-    assert calls == [case], "the fused Bidirectional -> Dense path was not taken"
-    diff = np.abs(got - model.predict(ids, verbose=0)).max()
-    assert diff <= config.KERAS_PARITY_ATOL, diff
+    fm = fastseq.from_keras(model)
+    for _ in range(3):      # the first call of a dtype starts the worker
+        got = fm.predict(ids)
+        diff = np.abs(got - model.predict(ids, verbose=0)).max()
+        assert diff <= config.KERAS_PARITY_ATOL, diff
+    want = [case, "one_call"] if route != "per_chunk" else [case]
+    assert calls[:len(want)] == want, f"path taken: {calls}"
 
 
 def test_table_follows_weight_changes():
@@ -111,10 +139,12 @@ def test_table_follows_weight_changes():
     assert diff <= config.KERAS_PARITY_ATOL, diff
 
 
-@pytest.mark.parametrize("case", ["bi_concat", "bi_sum_last"])
+@pytest.mark.parametrize("case", ["bi_concat_no_head", "bi_sum_last"])
 def test_bidirectional_directions_on_two_threads(case, monkeypatch):
     """Tiny models run their two directions one after the other; with the work
-    threshold at 1 they run on two threads at once (run_pair), same result."""
+    threshold at 1 they run on two threads at once (run_pair), same result.  (With a
+    Dense after the layer the directions go to the worker thread instead:
+    test_bidirectional_dense_fused.)"""
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     import fastseq._threads as th
     calls = []

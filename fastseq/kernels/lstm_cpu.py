@@ -80,7 +80,8 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out
     Rows go four at a time through z += h U with k unrolled by four: each pass over a
     z block loads four rows of U and does sixteen multiply-adds per element (measured
     70-80 GFLOP/s on one EPYC core for 16-32 rows, H = 128-256, bench/gemm_rates.py);
-    leftover rows go one at a time.
+    leftover rows go one at a time.  A group of rows all masked at a step (the padding
+    of shorter sequences) skips the product: a masked row's z is never used.
     """
     Bp, Tc = idx.shape
     G = src.shape[1]
@@ -94,11 +95,16 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out
             j0 = blk * JB
             bb = b[j0:j0 + JB]
             for r in range(Bp):
+                if mask[r, s] == 0:
+                    continue        # a masked row's z is not used
                 zr = zb[r]
                 xr = src[idx[r, s], j0:j0 + JB]
                 for j in range(JB):
                     zr[j] = xr[j] + bb[j]
             for r in range(0, R4, 4):
+                if (mask[r, s] == 0 and mask[r + 1, s] == 0 and mask[r + 2, s] == 0
+                        and mask[r + 3, s] == 0):
+                    continue        # padding: all four rows masked at this step
                 z0 = zb[r]
                 z1 = zb[r + 1]
                 z2 = zb[r + 2]
@@ -149,6 +155,8 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out
                         z3r[j] += a3 * p
                     k += 1
             for r in range(R4, Bp):
+                if mask[r, s] == 0:
+                    continue
                 zr = zb[r]
                 k = 0
                 while k + 4 <= H:

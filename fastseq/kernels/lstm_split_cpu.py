@@ -19,13 +19,12 @@ The same kernel runs alone (``nparts`` = 1, units [0, H)) when the partner threa
 not start in time (``sync_cpu.claim``).  Masking as in ``lstm_cpu``.
 """
 import numpy as np
-from numba import carray, njit
+from numba import njit
 
 from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
 from .dense_cpu import bias_act_rows
 from .lstm_cpu import _cell_row
-from .sync_cpu import (address_to_voidptr, atomic_cas, atomic_load, atomic_store,
-                       barrier, claim, cycle_counter, os_sleep_us, wait_at_least)
+from .sync_cpu import barrier, claim, wait_at_least
 
 OUT_NONE, OUT_SEQUENCE, OUT_EPILOGUE = 0, 1, 2
 
@@ -282,167 +281,6 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
                 epoch += 1
                 barrier(sync, part, epoch)
     return nparts
-
-
-# --- the pool thread's side: part 1 of jobs posted in a mailbox ------------------------
-# A job is posted by address in an int64 mailbox [MB_SIZE], so the pool thread can take
-# it without returning to Python (no GIL, no wake-up: it spins for a while after each
-# job).  Slots (each on its own cache line where two threads write):
-MB_JOB = 0          # sequence number of the last posted job
-MB_TAKEN = 8        # last job taken by the pool thread, or cancelled by the poster
-MB_DONE = 16        # last job the pool thread finished
-MB_STATE = 24       # worker: 1 spinning (takes a job at once), 2 dozing, 0 stopped
-MB_IDLE = 25        # cycle-counter ticks without a job after which the worker dozes
-                    # (read while it spins, so it can be shortened at any time)
-MB_POKE = 26        # set by a caller that found the worker dozing: spin again
-MB_QUIT = 27        # set to make ``serve`` return
-MB_ARGS = 32        # 15 arrays as (address, shape0, shape1, shape2), then 7 scalars
-MB_SIZE = MB_ARGS + 15 * 4 + 8
-
-
-@njit(**NJIT_INLINE_OPTS)
-def _put(mb, k, a):
-    o = MB_ARGS + 4 * k
-    mb[o] = a.ctypes.data
-    for d in range(a.ndim):
-        mb[o + 1 + d] = a.shape[d]
-
-
-@njit(**NJIT_OPTS)
-def post_job(mb, seq, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, Tc, scratch,
-             seqbuf, out, out_mode, Wd, bd, dense_code, ybuf, zero_output, act, rec):
-    """Post part 1 of a job (the arguments of ``lstm_units_split``) as job ``seq``.
-    The arrays must stay alive until ``finish_job(mb, seq)`` returns."""
-    _put(mb, 0, sync)
-    _put(mb, 1, x)
-    _put(mb, 2, W)
-    _put(mb, 3, U)
-    _put(mb, 4, b)
-    _put(mb, 5, hbuf)
-    _put(mb, 6, c)
-    _put(mb, 7, seen)
-    _put(mb, 8, mask)
-    _put(mb, 9, scratch)
-    _put(mb, 10, seqbuf)
-    _put(mb, 11, out)
-    _put(mb, 12, Wd)
-    _put(mb, 13, bd)
-    _put(mb, 14, ybuf)
-    o = MB_ARGS + 60
-    mb[o] = claim_ticks
-    mb[o + 1] = Tc
-    mb[o + 2] = out_mode
-    mb[o + 3] = dense_code
-    mb[o + 4] = 1 if zero_output else 0
-    mb[o + 5] = act
-    mb[o + 6] = rec
-    atomic_store(mb, MB_JOB, seq)      # release: the arguments are visible first
-
-
-@njit(**NJIT_INLINE_OPTS)
-def _arr1(mb, k, dt):
-    o = MB_ARGS + 4 * k
-    return carray(address_to_voidptr(mb[o]), (mb[o + 1],), dt)
-
-
-@njit(**NJIT_INLINE_OPTS)
-def _arr2(mb, k, dt):
-    o = MB_ARGS + 4 * k
-    return carray(address_to_voidptr(mb[o]), (mb[o + 1], mb[o + 2]), dt)
-
-
-@njit(**NJIT_INLINE_OPTS)
-def _arr3(mb, k, dt):
-    o = MB_ARGS + 4 * k
-    return carray(address_to_voidptr(mb[o]), (mb[o + 1], mb[o + 2], mb[o + 3]), dt)
-
-
-@njit(**NJIT_INLINE_OPTS)
-def _run_posted(mb, dt):
-    o = MB_ARGS + 60
-    return lstm_units_split(
-        np.int64(1), _arr1(mb, 0, np.int64), mb[o], _arr3(mb, 1, dt), _arr2(mb, 2, dt),
-        _arr2(mb, 3, dt), _arr1(mb, 4, dt), _arr3(mb, 5, dt), _arr2(mb, 6, dt),
-        _arr1(mb, 7, np.uint8), _arr2(mb, 8, np.uint8), mb[o + 1], _arr2(mb, 9, dt),
-        _arr3(mb, 10, dt), _arr3(mb, 11, dt), mb[o + 2], _arr2(mb, 12, dt),
-        _arr1(mb, 13, dt), mb[o + 3], _arr3(mb, 14, dt), mb[o + 4] != 0, mb[o + 5],
-        mb[o + 6])
-
-
-@njit(**NJIT_INLINE_OPTS)
-def _serve(mb, max_polls, dt):
-    """Serve jobs until mb[MB_QUIT] is set.  State 1 (spinning): poll without pause;
-    after mb[MB_IDLE] ticks with no job (or ``max_polls`` polls without a counter),
-    state 2 (dozing): poll between sleeps that grow from 50 us to 1 ms (10 ms after
-    about a second), until a job or a poke (mb[MB_POKE], set by a caller that found
-    the worker dozing) comes."""
-    polls = 0
-    t0 = cycle_counter()
-    nap = 0
-    naps = 0
-    atomic_store(mb, MB_STATE, 1)
-    while atomic_load(mb, MB_QUIT) == 0:
-        job = atomic_load(mb, MB_JOB)
-        taken = atomic_load(mb, MB_TAKEN)
-        if job != taken:
-            if atomic_cas(mb, MB_TAKEN, taken, job):
-                _run_posted(mb, dt)
-                atomic_store(mb, MB_DONE, job)
-            nap = 0
-        elif nap > 0:
-            os_sleep_us(nap)
-            naps += 1
-            if atomic_load(mb, MB_POKE) != 0:
-                atomic_store(mb, MB_POKE, 0)
-                nap = 0
-            else:
-                # naps of up to 1 ms for the first second or so, then up to 10 ms
-                nap = min(2 * nap, 1_000 if naps < 1_000 else 10_000)
-                continue
-        else:
-            polls += 1
-            if (polls & 1023) == 0 and (
-                    (t0 != 0 and cycle_counter() - t0 >= atomic_load(mb, MB_IDLE))
-                    or (t0 == 0 and polls >= max_polls)):
-                nap = 50
-                naps = 0
-                atomic_store(mb, MB_STATE, 2)
-            continue
-        # a job or a poke: spin again
-        polls = 0
-        t0 = cycle_counter()
-        atomic_store(mb, MB_STATE, 1)
-    atomic_store(mb, MB_STATE, 0)
-    return 0
-
-
-@njit(**NJIT_OPTS)
-def serve_float32(mb, max_polls):
-    """The worker thread's loop for float32 jobs (see ``_serve``); it never needs the
-    GIL, so a caller never waits for it; returns only when mb[MB_QUIT] is set."""
-    return _serve(mb, max_polls, np.float32)
-
-
-@njit(**NJIT_OPTS)
-def serve_float64(mb, max_polls):
-    """``serve_float32`` for float64 jobs."""
-    return _serve(mb, max_polls, np.float64)
-
-
-@njit(**NJIT_OPTS)
-def finish_job(mb, seq):
-    """After part 0 of job ``seq`` returned: cancel the job if the worker has not taken
-    it (part 0 then ran it alone).  Returns True when the worker has taken it: its
-    part 1 then has finished writing the outputs (the two parts passed a last barrier
-    together, or part 1 found the job taken and writes only its scratch row), but it
-    may still be running, so the job's arrays must be kept alive until mb[MB_DONE]
-    reaches ``seq``."""
-    if atomic_cas(mb, MB_TAKEN, seq - 1, seq):
-        # cancelled: nobody will run it, so it counts as done (jobs are posted only
-        # when the worker has finished the previous one, so nothing else writes DONE)
-        atomic_store(mb, MB_DONE, seq)
-        return False
-    return True
 
 
 @njit(**NJIT_INLINE_OPTS)
