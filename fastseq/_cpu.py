@@ -21,8 +21,11 @@ _DENSE_CODES["log_softmax"] = dense_cpu.DENSE_LOG_SOFTMAX
 
 
 def chunk_steps(rows, G, itemsize, T):
-    """Steps per chunk so a block's [rows, Tc, G] projection holds about CHUNK_BYTES."""
-    return int(max(1, min(T, config.CHUNK_BYTES // max(1, rows * G * itemsize))))
+    """Steps per chunk so a block's [rows, Tc, G] projection holds about CHUNK_BYTES,
+    and the chunk's projection GEMM has at least CHUNK_MIN_ROWS rows."""
+    steps = max(config.CHUNK_BYTES // max(1, rows * G * itemsize),
+                -(-config.CHUNK_MIN_ROWS // max(1, rows)))
+    return int(max(1, min(T, steps)))
 
 
 def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,

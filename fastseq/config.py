@@ -35,6 +35,13 @@ NJIT_INLINE_OPTS = {"fastmath": FASTMATH, "error_model": "numpy"}
 # Time steps per chunk of the input projection are chosen so the chunk's [B, Tc, 4H]
 # buffer holds about this many bytes (it stays in cache between the GEMM and the steps).
 CHUNK_BYTES = 1 << 20
+# ... unless that leaves the chunk's projection GEMM ([rows * Tc, D] @ [D, 4H]) fewer
+# rows than this: at C3's sizes (64 rows per thread, 4H = 2048) 1 MiB is two steps, and
+# a GEMM of 128 rows re-reads W from L3 every two steps.  `python bench/chunk_rows.py`
+# (interleaved samples of C3): 241.7 ms with 2-step chunks, 226.2 ms with 8-step chunks
+# (4 MiB per thread); C2 (`--config C2 --calls 10`: 32-step instead of 16-step chunks)
+# 15.8 against 15.5 ms, within the noise.
+CHUNK_MIN_ROWS = 512
 # Multiply-adds of one step's recurrent product h U for a thread's block of rows
 # (rows * H * 4H) from which that product runs as a BLAS GEMM called from Python each
 # step; below it the fused Numba kernel computes it and loops over the steps itself (no

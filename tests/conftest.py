@@ -91,5 +91,6 @@ def cpu_path(request, monkeypatch):
     monkeypatch.setattr(config, "SPLIT_UNITS_MIN_STEP_MACS", 0)
     if chunk is not None:
         monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
+        monkeypatch.setattr(config, "CHUNK_MIN_ROWS", 1)
         monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", 4)
     return request.param

@@ -80,6 +80,7 @@ def test_driver_takes_split_path(rng, assert_close, counted, monkeypatch, dtype,
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     monkeypatch.setattr(config, "SPLIT_UNITS_MIN_STEP_MACS", 0)
     monkeypatch.setattr(config, "CHUNK_BYTES", 4 * H * 4 * 16)   # 16 steps per chunk
+    monkeypatch.setattr(config, "CHUNK_MIN_ROWS", 1)
     T, D, K = 40, 16, 7
     x, W, U, b, Wd, bd = _data(rng, B, T, D, H, K, dtype)
     monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)  # keep it awake
