@@ -402,6 +402,57 @@ def table(rows):
     return "\n".join(lines)
 
 
+def training_check(ctx, args):
+    """The CUDA BPTT kernels (``lstm_vjp(device="cuda")``) against the CPU kernels, with
+    a mask, go_backwards and initial states, float32 and float64; and the time of one
+    forward + backward against PyTorch's cuDNN LSTM (host arrays in and out for
+    fastseq, so its time includes the uploads and downloads)."""
+    from fastseq.training import lstm_vjp
+    B, T, D, H = (3, 4, 3, 5) if args.dry_run else (32, 50, 128, 256)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    W, U, b = make_weights(rng, D, H)
+    mask = rng.random((B, T)) > 0.2
+    mask[0, T // 2:] = False
+    h0 = rng.standard_normal((B, H)).astype(np.float32)
+    c0 = rng.standard_normal((B, H)).astype(np.float32)
+    dy = rng.standard_normal((B, T, H)).astype(np.float32)
+    res = []
+    for dt, tol in ((np.float32, 1e-4), (np.float64, 1e-9)):
+        for back in (False, True):
+            r = {"dtype": np.dtype(dt).name, "B": B, "T": T, "D": D, "H": H,
+                 "go_backwards": back}
+            try:
+                kw = dict(initial_state=[h0.astype(dt), c0.astype(dt)], mask=mask,
+                          return_sequences=True, go_backwards=back)
+                args_ = (x.astype(dt), W.astype(dt), U.astype(dt), b.astype(dt),
+                         dy.astype(dt))
+                g = lstm_vjp(*args_, device="cuda", **kw)
+                c = lstm_vjp(*args_, device="cpu", **kw)
+                r["rel_err_vs_cpu"] = max(rel_err(g[k], c[k]) for k in c
+                                          if c[k] is not None)
+                r["ok"] = r["rel_err_vs_cpu"] <= tol
+                if dt == np.float32 and not back:
+                    r["t_fastseq_vjp_ms"] = 1e3 * ctx.bench(
+                        lambda: lstm_vjp(*args_, device="cuda", **kw))
+                    if ctx.torch is not None and ctx.tdev == "cuda":
+                        torch = ctx.torch
+                        m = torch_lstm(ctx, W, U, b, torch.float32)
+                        m.train()
+                        xt = torch.as_tensor(x, device="cuda").requires_grad_(True)
+                        dyt = torch.as_tensor(dy, device="cuda")
+
+                        def step():
+                            out, _ = m(xt)
+                            out.backward(dyt)
+                        r["t_torch_fwd_bwd_ms"] = 1e3 * ctx.bench(step)
+            except Exception as exc:
+                r["error"] = f"{type(exc).__name__}: {exc}"
+                r["ok"] = False
+            res.append(r)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true",
@@ -461,6 +512,11 @@ def main(argv=None):
     except Exception:
         report["errors"].append("semantics: " + traceback.format_exc())
 
+    try:
+        report["training"] = training_check(ctx, args)
+    except Exception:
+        report["errors"].append("training: " + traceback.format_exc())
+
     for H in hidden:
         for B in batches:
             if time.perf_counter() > args.deadline:
@@ -497,6 +553,10 @@ def main(argv=None):
     print("Keras semantics vs CPU path (mask, states, go_backwards, zero_output_for_mask):")
     for r in report["semantics"]:
         print("  " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
+    print("BPTT kernels (lstm_vjp, device='cuda' vs 'cpu'; fastseq times include "
+          "host<->device copies):")
+    for r in report.get("training", []):
+        print("  " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
     if report.get("tuning"):
         print()
         print("Tunables (fastseq._cuda; informative):")
@@ -505,7 +565,9 @@ def main(argv=None):
     for e in report["errors"]:
         print("ERROR:", e)
     ok = (all(r.get("ok") for r in report["rows"] if "skipped" not in r.get("error", ""))
-          and all(r.get("ok") for r in report["semantics"]) and not report["errors"])
+          and all(r.get("ok") for r in report["semantics"])
+          and all(r.get("ok") for r in report.get("training", []))
+          and not report["errors"])
     report["all_ok"] = bool(ok)
     print(f"\nall checks passed: {ok}  (wall {report['wall_s']:.1f} s)")
     _write(report, args)

@@ -619,6 +619,106 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     return _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind)
 
 
+def _transpose_dev(cuda, d):
+    """[R, C] device array -> a new [C, R] device array."""
+    R, C = (int(n) for n in d.shape)
+    out = cuda.device_array((C, R), dtype=d.dtype)
+    if R * C:
+        k, _ = _lstm_kernel(cuda, "transpose", np.dtype(d.dtype), 1)
+        k[min(-(-(R * C) // 256), 4096), 256](d, out)
+        LAUNCHES["transpose"] += 1
+    return out
+
+
+def _train_kernel(cuda, name, dt):
+    from .kernels import lstm_bwd_cuda
+    ks = lstm_bwd_cuda.train_kernels(dt)
+    return _jit(cuda, ("train", name, dt.str), getattr(ks, name), ks.signatures[name])
+
+
+def lstm_vjp_cuda(x, W, U, b, m8, h0, c0, dout, dh, dc, *, go_backwards=False,
+                  zero_output_for_mask=False, act="tanh", rec="sigmoid", need_dx=True):
+    """Forward pass saving the BPTT state, then backpropagation through time, on the
+    GPU (kernels/lstm_bwd_cuda.py); the CUDA counterpart of ``training._LSTM``'s
+    ``run_forward`` + ``run_backward``, time-major host arrays in and out.
+
+    x [T, B, D]; W [D, 4H]; U [H, 4H]; b [4H]; m8 [T, B] uint8; h0, c0, dh, dc [B, H] or
+    None (zeros); dout [T, B, H]: gradient wrt the outputs at their input times.
+    Returns (out [T, B, H], dx [T, B, D] or None, dW, dU, db, dh0, dc0) as NumPy arrays.
+    """
+    cuda = _require()
+    dt = np.dtype(x.dtype)
+    T, B, D = x.shape
+    H = int(U.shape[0])
+    G4 = 4 * H
+    a_code = _act_code(act, "activation")
+    r_code = _act_code(rec, "recurrent_activation")
+    gb, zofm = int(bool(go_backwards)), int(bool(zero_output_for_mask))
+
+    def dev(a, shape):
+        return cuda.to_device(np.zeros(shape, dt) if a is None
+                              else np.ascontiguousarray(a, dtype=dt))
+
+    xd = cuda.to_device(np.ascontiguousarray(x, dtype=dt).reshape(T * B, D))
+    Wd = cuda.to_device(np.ascontiguousarray(W, dtype=dt))
+    Ud = cuda.to_device(np.ascontiguousarray(U, dtype=dt))
+    UTd = cuda.to_device(np.ascontiguousarray(np.asarray(U, dtype=dt).T))
+    bd = dev(b, (G4,))
+    md = cuda.to_device(np.ascontiguousarray(m8, dtype=np.uint8))
+    h, c = dev(h0, (B, H)), dev(c0, (B, H))
+    xw = cuda.device_array((T * B, G4), dtype=dt)
+    hprev = cuda.device_array((T * B, H), dtype=dt)
+    cprev = cuda.device_array((T, B, H), dtype=dt)
+    gates = cuda.device_array((T, B, G4), dtype=dt)
+    actc = cuda.device_array((T, B, H), dtype=dt)
+    out = cuda.device_array((T, B, H), dtype=dt)
+    zu = cuda.device_array((B, G4), dtype=dt)
+    tpb = _pow2floor(THREADS_PER_BLOCK)
+    nblk = max(1, min(-(-(B * H) // tpb), 4096))
+    _matmul(cuda, xd, Wd, xw)
+    xw3 = xw.reshape(T, B, G4)
+    hprev3 = hprev.reshape(T, B, H)
+    kf = _train_kernel(cuda, "fwd_cell", dt)
+    for s in range(T):
+        t = T - 1 - s if gb else s
+        tp = t + 1 if gb else t - 1
+        _matmul(cuda, h, Ud, zu)
+        kf[nblk, tpb](xw3, zu, bd, md, t, max(tp, 0) if not gb else min(tp, T - 1), s,
+                      h, c, hprev3, cprev, gates, actc, out, zofm, a_code, r_code)
+    LAUNCHES["train_fwd_cell"] += T
+
+    dz = cuda.device_array((T, B, G4), dtype=dt)
+    doutd = cuda.to_device(np.ascontiguousarray(dout, dtype=dt))
+    dhd, dcd = dev(dh, (B, H)), dev(dc, (B, H))
+    carry = _zeros(cuda, (B, H), dt)
+    dhu = cuda.device_array((B, H), dtype=dt)
+    kb = _train_kernel(cuda, "bwd_cell", dt)
+    kh = _train_kernel(cuda, "bwd_dh", dt)
+    for s in range(T - 1, -1, -1):
+        t = T - 1 - s if gb else s
+        kb[nblk, tpb](doutd, carry, dhd, dcd, gates, actc, cprev, dz, md, t, zofm,
+                      a_code, r_code)
+        _matmul(cuda, dz[t], UTd, dhu)
+        kh[nblk, tpb](dhu, dhd, md, t)
+    LAUNCHES["train_bwd_cell"] += T
+
+    dz2 = dz.reshape(T * B, G4)
+    dW = cuda.device_array((D, G4), dtype=dt)
+    _matmul(cuda, _transpose_dev(cuda, xd), dz2, dW)
+    dU = cuda.device_array((H, G4), dtype=dt)
+    _matmul(cuda, _transpose_dev(cuda, hprev), dz2, dU)
+    db = cuda.device_array(G4, dtype=dt)
+    _train_kernel(cuda, "col_sum", dt)[max(1, min(-(-G4 // tpb), 4096)), tpb](dz2, db)
+    dx = None
+    if need_dx:
+        WTd = cuda.to_device(np.ascontiguousarray(np.asarray(W, dtype=dt).T))
+        dxd = cuda.device_array((T * B, D), dtype=dt)
+        _matmul(cuda, dz2, WTd, dxd)
+        dx = dxd.copy_to_host().reshape(T, B, D)
+    return (out.copy_to_host(), dx, dW.copy_to_host(), dU.copy_to_host(),
+            db.copy_to_host(), dhd.copy_to_host(), dcd.copy_to_host())
+
+
 def _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind):
     o = out if return_sequences else ylast
     return _finish(o, kind), _finish(hbuf[T % 2], kind), _finish(cbuf, kind)
@@ -707,7 +807,7 @@ def argmax_dense_cuda(x, W, b, activation=None, *, weights=None):
 def kernel_catalog():
     """Every (name, python function, argument types) the CUDA backend compiles, for
     the default tunables and both float dtypes (used by the compile test)."""
-    from .kernels import dense_cuda, gemm_cuda, lstm_cuda
+    from .kernels import dense_cuda, gemm_cuda, lstm_bwd_cuda, lstm_cuda
     cat = []
     for dt in (np.dtype(np.float32), np.dtype(np.float64)):
         for rbb in lstm_cuda.RBB_CHOICES:
@@ -723,4 +823,8 @@ def kernel_catalog():
         dk = dense_cuda.dense_kernels(dt, DENSE_ROWS_PER_BLOCK, DENSE_K_TILE)
         cat.append((f"dense[{dt.name}]", dk.dense, dk.signatures["dense"]))
         cat.append((f"dense_argmax[{dt.name}]", dk.argmax, dk.signatures["argmax"]))
+        tk = lstm_bwd_cuda.train_kernels(dt)
+        for name in ("fwd_cell", "bwd_cell", "bwd_dh", "col_sum"):
+            cat.append((f"train_{name}[{dt.name}]", getattr(tk, name),
+                        tk.signatures[name]))
     return cat

@@ -48,6 +48,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from . import _validate
 from . import optimizers as _optimizers
 from ._threads import get_num_threads
 from .config import DENSE_CHUNK_ROWS
@@ -939,9 +940,11 @@ def _progress(total, desc, verbose):
 def lstm_vjp(x, kernel, recurrent_kernel, bias, dy, *, initial_state=None, mask=None,
              return_sequences=False, return_state=False, go_backwards=False,
              zero_output_for_mask=False, activation="tanh",
-             recurrent_activation="sigmoid"):
+             recurrent_activation="sigmoid", device="cpu"):
     """Gradients of ``sum(dy * fastseq.lstm(x, ...))`` (same arguments as
-    :func:`fastseq.lstm`): the backward pass of one LSTM layer.
+    :func:`fastseq.lstm`): the backward pass of one LSTM layer.  ``device``: "cpu"
+    (or "auto") runs the Numba CPU kernels, "cuda" the CUDA ones
+    (``kernels/lstm_bwd_cuda.py``; host arrays in and out).
 
     dy: shaped like lstm's output: [B, T, H] (return_sequences) or [B, H]; with
     return_state a list [d_output, d_h, d_c] (entries may be None).
@@ -950,6 +953,10 @@ def lstm_vjp(x, kernel, recurrent_kernel, bias, dy, *, initial_state=None, mask=
     """
     from . import ops as _ops
     fn = "lstm_vjp"
+    _validate.check_device(fn, device)
+    if device == "cuda":
+        from . import _cuda
+        _cuda._require()
     for name, val, choices in (("activation", activation, _ops.LSTM_ACTIVATIONS),
                                ("recurrent_activation", recurrent_activation,
                                 _ops.LSTM_ACTIVATIONS)):
@@ -1000,7 +1007,6 @@ def lstm_vjp(x, kernel, recurrent_kernel, bias, dy, *, initial_state=None, mask=
     else:
         d_out, d_h, d_c = dy, None, None
     xt = _time_major(x)
-    out, _, _, saved = op.run_forward(xt, m8, h0, c0)
     dout = np.zeros((T, B, H), dt)
     if d_out is not None:
         d_out = np.asarray(d_out, dtype=dt)
@@ -1013,7 +1019,20 @@ def lstm_vjp(x, kernel, recurrent_kernel, bias, dy, *, initial_state=None, mask=
             dout += d[::-1] if go_backwards else d
         else:
             dout[0 if go_backwards else T - 1] += d_out
-    dx, grads, dh0, dc0 = op.run_backward(saved, dout, d_h, d_c)
+    for name, d in (("h", d_h), ("c", d_c)):
+        if d is not None and np.shape(d) != (B, H):
+            raise ValueError(f"{fn}: the gradient wrt the final {name} must have shape "
+                             f"({B}, {H}), got {np.shape(d)}")
+    if device == "cuda":
+        from . import _cuda
+        _, dx, dW, dU, db, dh0, dc0 = _cuda.lstm_vjp_cuda(
+            xt, W, U, b, m8, h0, c0, dout, d_h, d_c, go_backwards=go_backwards,
+            zero_output_for_mask=zero_output_for_mask, act=activation,
+            rec=recurrent_activation)
+        grads = [dW, dU, db]
+    else:
+        _, _, _, saved = op.run_forward(xt, m8, h0, c0)
+        dx, grads, dh0, dc0 = op.run_backward(saved, dout, d_h, d_c)
     return {"x": _time_major(dx), "kernel": grads[0], "recurrent_kernel": grads[1],
             "bias": grads[2] if b is not None else None, "h0": dh0, "c0": dc0}
 

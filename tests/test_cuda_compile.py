@@ -132,7 +132,8 @@ def compiled(tmp_path_factory):
 def test_catalog_covers_every_kernel():
     kinds = {n.split("[")[0] for n in KERNEL_NAMES}
     assert kinds == {"lstm_persistent", "lstm_step", "transpose", "gemm", "dense",
-                     "dense_argmax"}
+                     "dense_argmax", "train_fwd_cell", "train_bwd_cell", "train_bwd_dh",
+                     "train_col_sum"}
     for dt in ("float32", "float64"):
         assert sum(f"[{dt}" in n for n in KERNEL_NAMES) == len(KERNEL_NAMES) // 2
 
@@ -215,5 +216,11 @@ def test_device_cuda_without_gpu_raises_clear_error(rng):
         fastseq.dense(x, Wd[:4], device="cuda")
     with pytest.raises(RuntimeError, match="device='cuda' is not usable"):
         _cuda.argmax_dense_cuda(x, Wd[:4], None, "softmax")
+    from fastseq.training import lstm_vjp
+    dy = np.ones((2, 5), np.float32)
+    with pytest.raises(RuntimeError, match="device='cuda' is not usable"):
+        lstm_vjp(x, W, U, None, dy, device="cuda")
+    with pytest.raises(ValueError, match="`device` must be"):
+        lstm_vjp(x, W, U, None, dy, device="gpu")
     # NumPy inputs with device="auto" run on the CPU
     assert isinstance(fastseq.lstm(x, W, U, device="auto"), np.ndarray)

@@ -546,6 +546,9 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert row["argmax_agree"] == 1.0
     assert row["rel_err_lstm"] <= 1e-5 and row["rel_err_dense"] <= 1e-5
     assert len(rep["semantics"]) == 12 and all(r["ok"] for r in rep["semantics"])
-    assert "| B | H | kernel |" in proc.stdout
+    # the BPTT kernels against the CPU ones: two dtypes x both directions
+    assert len(rep["training"]) == 4 and all(r["ok"] for r in rep["training"])
+    assert rep["training"][0]["t_fastseq_vjp_ms"] > 0
+    assert "| B | H | kernel |" in proc.stdout and "BPTT kernels" in proc.stdout
     assert [r["what"] for r in rep["tuning"]] == ["lstm", "dense_softmax"]
     assert all(r["ms"] > 0 and "error" not in r for r in rep["tuning"]), rep["tuning"]

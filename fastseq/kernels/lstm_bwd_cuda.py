@@ -1,0 +1,223 @@
+"""CUDA kernels (Numba) for training an LSTM: the per-step cell of a forward pass that
+saves what backpropagation through time needs, and the per-step cell of the backward
+recurrence (Keras gate order i, f, c, o).  The CUDA counterpart of ``lstm_bwd_cpu``,
+with the same layout and semantics.
+
+Layout: everything is **time-major** and indexed by **input time** ``t`` (with Keras
+``go_backwards`` processing step ``s`` reads input time ``t = T - 1 - s``), so the large
+products of the backward pass are single GEMMs over all steps, run by the glue
+(``fastseq._cuda.lstm_vjp_cuda``) with the GEMM kernel::
+
+    dW = X^T dZ    dU = Hp^T dZ    db = column sums of dZ    dX = dZ W^T
+
+and the per-step recurrent products ``h U`` (forward) and ``dz U^T`` (backward) are GEMM
+launches between the cell launches.  One thread per (batch row, hidden unit) in the
+cell kernels, over a 1-D grid-stride loop; a thread touches only its own unit's state,
+so the cell needs no barrier (the step's GEMM, a launch before, has read all of h).
+
+Masking as in ``lstm_bwd_cpu``: a masked step keeps h and c; its output is the previous
+output of the row (zero before the first step) or zero with ``zero_output_for_mask``;
+backward, the state gradients pass a masked step unchanged, its dz is zero, and the
+gradient of its output flows to the previous output through ``carry`` (or is dropped
+with ``zero_output_for_mask``).
+
+Kernels are built per dtype by ``train_kernels``; ``signatures`` lists the exact Numba
+signatures the glue compiles.  Importing this module needs ``numba.cuda`` but no GPU.
+"""
+import numpy as np
+from numba import cuda
+from numba import types as nbt
+
+from .activations import (ACT_HARD_SIGMOID, ACT_RELU, ACT_SIGMOID, ACT_SOFTSIGN,
+                          ACT_TANH)
+from .lstm_cuda import make_act
+
+_NB_DTYPES = {np.dtype(np.float32): nbt.float32, np.dtype(np.float64): nbt.float64}
+_CACHE = {}
+
+
+def make_act_grad(np_dtype):
+    """Device function ``act_grad(code, y)``: the derivative of activation ``code`` at
+    the point where it returned ``y`` (as ``lstm_bwd_cpu.act_grad``)."""
+    ty = np.dtype(np_dtype).type
+    ZERO = ty(0.0)
+    ONE = ty(1.0)
+    SIXTH = ty(1.0 / 6.0)
+
+    @cuda.jit(device=True)
+    def act_grad(code, y):
+        if code == ACT_TANH:
+            return ONE - y * y
+        elif code == ACT_SIGMOID:
+            return y * (ONE - y)
+        elif code == ACT_HARD_SIGMOID:
+            if y > ZERO and y < ONE:
+                return SIXTH
+            return ZERO
+        elif code == ACT_RELU:
+            if y > ZERO:
+                return ONE
+            return ZERO
+        elif code == ACT_SOFTSIGN:
+            a = ONE - abs(y)
+            return a * a
+        return ONE
+
+    return act_grad
+
+
+def signatures(np_dtype):
+    """Argument types of each kernel for one float dtype."""
+    f = _NB_DTYPES[np.dtype(np_dtype)]
+    i = nbt.int64
+    a2, a3 = f[:, ::1], f[:, :, ::1]
+    m2 = nbt.uint8[:, ::1]
+    return {
+        # xw, zu, b, mask, t, tp, s, h, c, hprev, cprev, gates, actc, out, zofm, act, rec
+        "fwd_cell": (a3, a2, f[::1], m2, i, i, i, a2, a2, a3, a3, a3, a3, a3, i, i, i),
+        # dout, carry, dh, dc, gates, actc, cprev, dz, mask, t, zofm, act, rec
+        "bwd_cell": (a3, a2, a2, a2, a3, a3, a3, a3, m2, i, i, i, i),
+        # dhu, dh, mask, t
+        "bwd_dh": (a2, a2, m2, i),
+        # A, out
+        "col_sum": (a2, f[::1]),
+    }
+
+
+class TrainKernels:
+    """Python kernel functions for one dtype, plus their Numba signatures."""
+
+    def __init__(self, np_dtype, fwd_cell, bwd_cell, bwd_dh, col_sum, sigs):
+        self.dtype = np.dtype(np_dtype)
+        self.fwd_cell = fwd_cell
+        self.bwd_cell = bwd_cell
+        self.bwd_dh = bwd_dh
+        self.col_sum = col_sum
+        self.signatures = sigs
+
+
+def train_kernels(np_dtype):
+    """The training kernels for ``np_dtype`` (cached)."""
+    key = np.dtype(np_dtype).str
+    ks = _CACHE.get(key)
+    if ks is not None:
+        return ks
+    ty = np.dtype(np_dtype).type
+    ZERO = ty(0.0)
+    act = make_act(np_dtype)
+    act_grad = make_act_grad(np_dtype)
+
+    def fwd_cell(xw, zu, b, mask, t, tp, s, h, c, hprev, cprev, gates, actc, out, zofm,
+                 a_code, r_code):
+        # xw: [T, B, 4H] x W (no bias); zu: [B, 4H] h U of this step (from the GEMM);
+        # b: [4H]; mask: [T, B] uint8; t: input time of step s, tp: of step s - 1;
+        # h, c: [B, H] state, updated; hprev, cprev: [T, B, H] written at t: the state
+        # before the step; gates: [T, B, 4H] written at t (unmasked rows): i, f, g, o;
+        # actc: [T, B, H] written at t (unmasked rows): act(c); out: [T, B, H] written
+        # at t: the step's output
+        B = h.shape[0]
+        H = h.shape[1]
+        n = B * H
+        k = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while k < n:
+            r = k // H
+            j = k - r * H
+            hv = h[r, j]
+            cv = c[r, j]
+            hprev[t, r, j] = hv
+            cprev[t, r, j] = cv
+            if mask[t, r] != 0:
+                zi = zu[r, j] + xw[t, r, j] + b[j]
+                zf = zu[r, H + j] + xw[t, r, H + j] + b[H + j]
+                zg = zu[r, 2 * H + j] + xw[t, r, 2 * H + j] + b[2 * H + j]
+                zo = zu[r, 3 * H + j] + xw[t, r, 3 * H + j] + b[3 * H + j]
+                gi = act(r_code, zi)
+                gf = act(r_code, zf)
+                gg = act(a_code, zg)
+                go = act(r_code, zo)
+                gates[t, r, j] = gi
+                gates[t, r, H + j] = gf
+                gates[t, r, 2 * H + j] = gg
+                gates[t, r, 3 * H + j] = go
+                cn = gf * cv + gi * gg
+                ac = act(a_code, cn)
+                actc[t, r, j] = ac
+                hn = go * ac
+                c[r, j] = cn
+                h[r, j] = hn
+                out[t, r, j] = hn
+            elif zofm != 0 or s == 0:
+                out[t, r, j] = ZERO
+            else:
+                out[t, r, j] = out[tp, r, j]
+            k += stride
+
+    def bwd_cell(dout, carry, dh, dc, gates, actc, cprev, dz, mask, t, zofm, a_code,
+                 r_code):
+        # dout: [T, B, H] gradient wrt the outputs; carry: [B, H] gradient flowing along
+        # masked outputs; dh, dc: [B, H] gradient wrt the state after the step (dc is
+        # left holding it before the step; dh is replaced by bwd_dh after the GEMM);
+        # gates, actc, cprev: as saved by fwd_cell; dz: [T, B, 4H] written at t
+        B = dh.shape[0]
+        H = dh.shape[1]
+        n = B * H
+        k = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while k < n:
+            r = k // H
+            j = k - r * H
+            if mask[t, r] != 0:
+                dhv = dout[t, r, j] + carry[r, j] + dh[r, j]
+                carry[r, j] = ZERO
+                a = actc[t, r, j]
+                o = gates[t, r, 3 * H + j]
+                dcn = dc[r, j] + dhv * o * act_grad(a_code, a)
+                dz[t, r, 3 * H + j] = dhv * a * act_grad(r_code, o)
+                gi = gates[t, r, j]
+                gf = gates[t, r, H + j]
+                gg = gates[t, r, 2 * H + j]
+                dz[t, r, j] = dcn * gg * act_grad(r_code, gi)
+                dz[t, r, H + j] = dcn * cprev[t, r, j] * act_grad(r_code, gf)
+                dz[t, r, 2 * H + j] = dcn * gi * act_grad(a_code, gg)
+                dc[r, j] = dcn * gf
+            else:
+                dz[t, r, j] = ZERO
+                dz[t, r, H + j] = ZERO
+                dz[t, r, 2 * H + j] = ZERO
+                dz[t, r, 3 * H + j] = ZERO
+                if zofm != 0:
+                    carry[r, j] = ZERO
+                else:
+                    carry[r, j] += dout[t, r, j]
+            k += stride
+
+    def bwd_dh(dhu, dh, mask, t):
+        # dhu: [B, H] = dz[t] U^T (from the GEMM); dh: [B, H] <- dhu on unmasked rows
+        B = dh.shape[0]
+        H = dh.shape[1]
+        n = B * H
+        k = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while k < n:
+            r = k // H
+            if mask[t, r] != 0:
+                dh[r, k - r * H] = dhu[r, k - r * H]
+            k += stride
+
+    def col_sum(A, out):
+        # A: [R, C] -> out: [C], out[j] = sum over rows of A[:, j] (one thread a column)
+        R = A.shape[0]
+        C = A.shape[1]
+        j = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while j < C:
+            acc = ZERO
+            for i in range(R):
+                acc += A[i, j]
+            out[j] = acc
+            j += stride
+
+    ks = TrainKernels(np_dtype, fwd_cell, bwd_cell, bwd_dh, col_sum, signatures(np_dtype))
+    _CACHE[key] = ks
+    return ks

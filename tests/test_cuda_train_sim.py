@@ -1,0 +1,159 @@
+"""The CUDA backpropagation-through-time kernels (``fastseq/kernels/lstm_bwd_cuda.py``,
+driven by ``fastseq._cuda.lstm_vjp_cuda``) in Numba's CUDA simulator, against the CPU
+kernels (``lstm_vjp(device="cpu")``, checked against ``tf.GradientTape`` in
+test_training.py) and, for the output, the float64 reference.
+
+As in test_cuda_sim.py the simulator runs in a subprocess (this file doubles as the
+worker: ``python tests/test_cuda_train_sim.py --worker OUT_DIR``), with the launch
+tunables patched small so every grid has several blocks and the grid-stride loops go
+round more than once.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+SMALL = dict(GEMM_TILE=8, GEMM_THREADS=4, THREADS_PER_BLOCK=8)
+
+# name: shapes and lstm_vjp options
+CASES = {
+    "mask_states_seq": dict(B=3, T=5, D=4, H=6, mask=True, state=True, seq=True),
+    "back_zofm": dict(B=3, T=6, D=3, H=5, mask=True, state=True, seq=True, back=True,
+                      zofm=True),
+    "back_mask_last": dict(B=4, T=4, D=2, H=3, mask=True, seq=False, back=True),
+    "plain_no_bias": dict(B=2, T=3, D=3, H=4, bias=False, seq=True),
+    "one_step_one_row": dict(B=1, T=1, D=2, H=3, state=True, seq=True),
+    "hard_sigmoid_relu": dict(B=3, T=4, D=3, H=4, mask=True, seq=True,
+                              act="relu", rec="hard_sigmoid"),
+    "softsign_linear": dict(B=2, T=5, D=2, H=3, seq=False, act="softsign",
+                            rec="linear"),
+}
+DTYPES = ("float64", "float32")
+
+
+def inputs(name, dtype):
+    c = CASES[name]
+    seed = sum(map(ord, name)) + len(dtype)
+    rng = np.random.default_rng(seed)
+    B, T, D, H = c["B"], c["T"], c["D"], c["H"]
+    dt = np.dtype(dtype)
+    a = {"x": rng.standard_normal((B, T, D)).astype(dt),
+         "W": (rng.standard_normal((D, 4 * H)) * 0.5).astype(dt),
+         "U": (rng.standard_normal((H, 4 * H)) * 0.5).astype(dt),
+         "b": (rng.standard_normal(4 * H) * 0.5).astype(dt) if c.get("bias", True)
+         else None}
+    mask = None
+    if c.get("mask"):
+        mask = np.ones((B, T), bool)
+        mask[0, T // 2:] = False        # right padding
+        if B > 1:
+            mask[1, :1] = False         # left padding
+        if B > 3:
+            mask[3, :] = False          # a row of padding only
+    a["mask"] = mask
+    state = None
+    if c.get("state"):
+        state = [rng.standard_normal((B, H)).astype(dt) for _ in range(2)]
+    a["state"] = state
+    d_out = rng.standard_normal((B, T, H) if c.get("seq") else (B, H)).astype(dt)
+    a["dy"] = [d_out, rng.standard_normal((B, H)).astype(dt),
+               rng.standard_normal((B, H)).astype(dt)]
+    return a
+
+
+def run_vjp(name, dtype, device):
+    from fastseq import training
+    c = CASES[name]
+    a = inputs(name, dtype)
+    return training.lstm_vjp(
+        a["x"], a["W"], a["U"], a["b"], a["dy"], initial_state=a["state"],
+        mask=a["mask"], return_sequences=c.get("seq", False), return_state=True,
+        go_backwards=c.get("back", False), zero_output_for_mask=c.get("zofm", False),
+        activation=c.get("act", "tanh"), recurrent_activation=c.get("rec", "sigmoid"),
+        device=device)
+
+
+def _worker(out_dir):
+    assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    sys.path.insert(0, ROOT)
+    from fastseq import _cuda
+    assert _cuda.is_simulator() and _cuda.is_available()
+    for k, v in SMALL.items():
+        setattr(_cuda, k, v)
+    arrays, meta = {}, {}
+    for name in CASES:
+        for dtype in DTYPES:
+            key = f"{name}/{dtype}"
+            try:
+                before = dict(_cuda.LAUNCHES)
+                g = run_vjp(name, dtype, "cuda")
+                for k, v in g.items():
+                    if v is not None:
+                        arrays[f"{key}/{k}"] = np.asarray(v)
+                meta[key] = {"launches": {k: v - before.get(k, 0)
+                                          for k, v in _cuda.LAUNCHES.items()
+                                          if v - before.get(k, 0)}}
+            except Exception as exc:  # reported per case by the tests
+                import traceback
+                meta[key] = {"error": f"{type(exc).__name__}: {exc}\n"
+                                      f"{traceback.format_exc()}"}
+    np.savez(os.path.join(out_dir, "arrays.npz"), **arrays)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2])
+    sys.exit(0)
+
+# ---------------------------------------------------------------------------------------
+# tests (normal pytest process)
+# ---------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cudasim_train")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (
+        f"simulator worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+        f"{proc.stderr[-4000:]}")
+    with open(out / "meta.json") as f:
+        meta = json.load(f)
+    return meta, dict(np.load(out / "arrays.npz"))
+
+
+# relative error (max |a - b| / max |b|) allowed between the CUDA and CPU gradients:
+# the same float64 arithmetic in another order, or float32 (issue 5: 1e-9 / 1e-4)
+RTOL = {"float64": 1e-9, "float32": 1e-4}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_match_cpu(sim, name, dtype):
+    meta, arrays = sim
+    key = f"{name}/{dtype}"
+    assert key in meta, f"case {key} did not run in the simulator"
+    assert "error" not in meta[key], meta[key]["error"]
+    launches = meta[key]["launches"]
+    T = CASES[name]["T"]
+    assert launches.get("train_fwd_cell") == T and launches.get("train_bwd_cell") == T
+    want = run_vjp(name, dtype, "cpu")
+    for k, w in want.items():
+        if w is None:
+            assert f"{key}/{k}" not in arrays, k
+            continue
+        got = arrays[f"{key}/{k}"]
+        assert got.shape == w.shape and got.dtype == w.dtype, (k, got.shape, w.shape)
+        scale = max(float(np.abs(w).max()), 1e-30)
+        err = float(np.abs(got - w).max()) / scale
+        assert err <= RTOL[dtype], f"{k}: relative error {err:.3g}"
