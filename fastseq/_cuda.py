@@ -636,15 +636,15 @@ def _train_kernel(cuda, name, dt):
     return _jit(cuda, ("train", name, dt.str), getattr(ks, name), ks.signatures[name])
 
 
-def lstm_vjp_cuda(x, W, U, b, m8, h0, c0, dout, dh, dc, *, go_backwards=False,
-                  zero_output_for_mask=False, act="tanh", rec="sigmoid", need_dx=True):
-    """Forward pass saving the BPTT state, then backpropagation through time, on the
-    GPU (kernels/lstm_bwd_cuda.py); the CUDA counterpart of ``training._LSTM``'s
-    ``run_forward`` + ``run_backward``, time-major host arrays in and out.
+def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
+                            zero_output_for_mask=False, act="tanh", rec="sigmoid"):
+    """Forward pass of one LSTM layer on the GPU, saving what backpropagation through
+    time needs (kernels/lstm_bwd_cuda.py); the CUDA counterpart of
+    ``training._LSTM.run_forward``, time-major host arrays in.
 
-    x [T, B, D]; W [D, 4H]; U [H, 4H]; b [4H]; m8 [T, B] uint8; h0, c0, dh, dc [B, H] or
-    None (zeros); dout [T, B, H]: gradient wrt the outputs at their input times.
-    Returns (out [T, B, H], dx [T, B, D] or None, dW, dU, db, dh0, dc0) as NumPy arrays.
+    x [T, B, D]; W [D, 4H]; U [H, 4H]; b [4H] or None; m8 [T, B] uint8; h0, c0 [B, H]
+    or None (zeros).  Returns (out [T, B, H] NumPy, at input times; saved: the device
+    arrays ``lstm_train_backward_cuda`` needs).
     """
     cuda = _require()
     dt = np.dtype(x.dtype)
@@ -654,18 +654,11 @@ def lstm_vjp_cuda(x, W, U, b, m8, h0, c0, dout, dh, dc, *, go_backwards=False,
     a_code = _act_code(act, "activation")
     r_code = _act_code(rec, "recurrent_activation")
     gb, zofm = int(bool(go_backwards)), int(bool(zero_output_for_mask))
-
-    def dev(a, shape):
-        return cuda.to_device(np.zeros(shape, dt) if a is None
-                              else np.ascontiguousarray(a, dtype=dt))
-
     xd = cuda.to_device(np.ascontiguousarray(x, dtype=dt).reshape(T * B, D))
-    Wd = cuda.to_device(np.ascontiguousarray(W, dtype=dt))
     Ud = cuda.to_device(np.ascontiguousarray(U, dtype=dt))
-    UTd = cuda.to_device(np.ascontiguousarray(np.asarray(U, dtype=dt).T))
-    bd = dev(b, (G4,))
+    bd = _dev_or_zeros(cuda, b, (G4,), dt)
     md = cuda.to_device(np.ascontiguousarray(m8, dtype=np.uint8))
-    h, c = dev(h0, (B, H)), dev(c0, (B, H))
+    h, c = _dev_or_zeros(cuda, h0, (B, H), dt), _dev_or_zeros(cuda, c0, (B, H), dt)
     xw = cuda.device_array((T * B, G4), dtype=dt)
     hprev = cuda.device_array((T * B, H), dtype=dt)
     cprev = cuda.device_array((T, B, H), dtype=dt)
@@ -673,50 +666,91 @@ def lstm_vjp_cuda(x, W, U, b, m8, h0, c0, dout, dh, dc, *, go_backwards=False,
     actc = cuda.device_array((T, B, H), dtype=dt)
     out = cuda.device_array((T, B, H), dtype=dt)
     zu = cuda.device_array((B, G4), dtype=dt)
-    tpb = _pow2floor(THREADS_PER_BLOCK)
-    nblk = max(1, min(-(-(B * H) // tpb), 4096))
-    _matmul(cuda, xd, Wd, xw)
+    _matmul(cuda, xd, cuda.to_device(np.ascontiguousarray(W, dtype=dt)), xw)
     xw3 = xw.reshape(T, B, G4)
     hprev3 = hprev.reshape(T, B, H)
+    tpb, nblk = _cell_grid(B * H)
     kf = _train_kernel(cuda, "fwd_cell", dt)
     for s in range(T):
         t = T - 1 - s if gb else s
-        tp = t + 1 if gb else t - 1
+        tp = min(t + 1, T - 1) if gb else max(t - 1, 0)   # used only when s > 0
         _matmul(cuda, h, Ud, zu)
-        kf[nblk, tpb](xw3, zu, bd, md, t, max(tp, 0) if not gb else min(tp, T - 1), s,
-                      h, c, hprev3, cprev, gates, actc, out, zofm, a_code, r_code)
+        kf[nblk, tpb](xw3, zu, bd, md, t, tp, s, h, c, hprev3, cprev, gates, actc, out,
+                      zofm, a_code, r_code)
     LAUNCHES["train_fwd_cell"] += T
+    saved = dict(x=xd, W=W, U=U, m=md, hprev=hprev, cprev=cprev, gates=gates,
+                 actc=actc, shape=(T, B, D, H), dtype=dt, go_backwards=gb, zofm=zofm,
+                 act=a_code, rec=r_code)
+    return out.copy_to_host(), saved
 
+
+def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
+    """Backpropagation through time on the GPU from ``lstm_train_forward_cuda``'s
+    saved arrays; the CUDA counterpart of ``training._LSTM.run_backward``.
+
+    dout [T, B, H]: gradient wrt the outputs at their input times; dh, dc [B, H] or None:
+    gradient wrt the final state.  Returns NumPy (dx [T, B, D] or None, dW, dU, db,
+    dh0, dc0).
+    """
+    cuda = _require()
+    T, B, D, H = saved["shape"]
+    dt = saved["dtype"]
+    G4 = 4 * H
+    gb, zofm = saved["go_backwards"], saved["zofm"]
+    md, gates, actc, cprev = saved["m"], saved["gates"], saved["actc"], saved["cprev"]
+    UTd = cuda.to_device(np.ascontiguousarray(np.asarray(saved["U"], dtype=dt).T))
     dz = cuda.device_array((T, B, G4), dtype=dt)
     doutd = cuda.to_device(np.ascontiguousarray(dout, dtype=dt))
-    dhd, dcd = dev(dh, (B, H)), dev(dc, (B, H))
+    dhd, dcd = _dev_or_zeros(cuda, dh, (B, H), dt), _dev_or_zeros(cuda, dc, (B, H), dt)
     carry = _zeros(cuda, (B, H), dt)
     dhu = cuda.device_array((B, H), dtype=dt)
+    tpb, nblk = _cell_grid(B * H)
     kb = _train_kernel(cuda, "bwd_cell", dt)
     kh = _train_kernel(cuda, "bwd_dh", dt)
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if gb else s
         kb[nblk, tpb](doutd, carry, dhd, dcd, gates, actc, cprev, dz, md, t, zofm,
-                      a_code, r_code)
+                      saved["act"], saved["rec"])
         _matmul(cuda, dz[t], UTd, dhu)
         kh[nblk, tpb](dhu, dhd, md, t)
     LAUNCHES["train_bwd_cell"] += T
-
     dz2 = dz.reshape(T * B, G4)
     dW = cuda.device_array((D, G4), dtype=dt)
-    _matmul(cuda, _transpose_dev(cuda, xd), dz2, dW)
+    _matmul(cuda, _transpose_dev(cuda, saved["x"]), dz2, dW)
     dU = cuda.device_array((H, G4), dtype=dt)
-    _matmul(cuda, _transpose_dev(cuda, hprev), dz2, dU)
+    _matmul(cuda, _transpose_dev(cuda, saved["hprev"]), dz2, dU)
     db = cuda.device_array(G4, dtype=dt)
-    _train_kernel(cuda, "col_sum", dt)[max(1, min(-(-G4 // tpb), 4096)), tpb](dz2, db)
+    tpc, nbc = _cell_grid(G4)
+    _train_kernel(cuda, "col_sum", dt)[nbc, tpc](dz2, db)
     dx = None
     if need_dx:
-        WTd = cuda.to_device(np.ascontiguousarray(np.asarray(W, dtype=dt).T))
+        WTd = cuda.to_device(np.ascontiguousarray(np.asarray(saved["W"], dtype=dt).T))
         dxd = cuda.device_array((T * B, D), dtype=dt)
         _matmul(cuda, dz2, WTd, dxd)
         dx = dxd.copy_to_host().reshape(T, B, D)
-    return (out.copy_to_host(), dx, dW.copy_to_host(), dU.copy_to_host(),
-            db.copy_to_host(), dhd.copy_to_host(), dcd.copy_to_host())
+    return (dx, dW.copy_to_host(), dU.copy_to_host(), db.copy_to_host(),
+            dhd.copy_to_host(), dcd.copy_to_host())
+
+
+def lstm_vjp_cuda(x, W, U, b, m8, h0, c0, dout, dh, dc, *, go_backwards=False,
+                  zero_output_for_mask=False, act="tanh", rec="sigmoid", need_dx=True):
+    """``lstm_train_forward_cuda`` then ``lstm_train_backward_cuda``.  Returns (out,
+    dx, dW, dU, db, dh0, dc0) as NumPy arrays."""
+    out, saved = lstm_train_forward_cuda(
+        x, W, U, b, m8, h0, c0, go_backwards=go_backwards,
+        zero_output_for_mask=zero_output_for_mask, act=act, rec=rec)
+    return (out,) + lstm_train_backward_cuda(saved, dout, dh, dc, need_dx)
+
+
+def _dev_or_zeros(cuda, a, shape, dt):
+    return cuda.to_device(np.zeros(shape, dt) if a is None
+                          else np.ascontiguousarray(a, dtype=dt))
+
+
+def _cell_grid(n):
+    """(threads per block, blocks) of a 1-D grid-stride launch over n items."""
+    tpb = _pow2floor(THREADS_PER_BLOCK)
+    return tpb, max(1, min(-(-n // tpb), 4096))
 
 
 def _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind):

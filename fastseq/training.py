@@ -76,7 +76,7 @@ _REFUSED = {"Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDropout",
 class _LSTM:
     """One LSTM record (or the same attributes in a namespace) in training."""
 
-    def __init__(self, rec, dtype):
+    def __init__(self, rec, dtype, device="cpu"):
         self.rec = rec
         self.W = rec.kernel
         self.U = rec.recurrent_kernel
@@ -85,6 +85,7 @@ class _LSTM:
         self.act = ACTIVATION_CODES[rec.activation]
         self.rec_act = ACTIVATION_CODES[rec.recurrent_activation]
         self.dtype = dtype
+        self.device = device      # "cuda": the recurrences run on the GPU
 
     def weights(self):
         r = self.rec
@@ -94,6 +95,14 @@ class _LSTM:
         """x [T, B, D] (C-contiguous, input order), m8 [T, B] uint8 -> out [T, B, H]
         (input order) and what the backward pass needs."""
         T, B, D = x.shape
+        if self.device == "cuda":
+            from . import _cuda
+            r = self.rec
+            out, saved = _cuda.lstm_train_forward_cuda(
+                x, self.W, self.U, self.b, m8, h0, c0, go_backwards=r.go_backwards,
+                zero_output_for_mask=r.zero_output_for_mask, act=r.activation,
+                rec=r.recurrent_activation)
+            return out, None, None, ("cuda", saved)
         nact = _active_rows(m8)
         H, dt = self.H, self.dtype
         xw = np.matmul(x.reshape(T * B, D), self.W).reshape(T, B, 4 * H)
@@ -114,6 +123,12 @@ class _LSTM:
     def run_backward(self, saved, dout, dh=None, dc=None, need_dx=True):
         """dout [T, B, H] (input order) -> dx [T, B, D] or None, [dW, dU, (db)],
         dh0, dc0."""
+        if _on_gpu(saved):
+            from . import _cuda
+            dx, dW, dU, db, dh0, dc0 = _cuda.lstm_train_backward_cuda(
+                saved[1], dout, dh, dc, need_dx)
+            grads = [dW, dU] + ([db] if self.rec.bias is not None else [])
+            return dx, grads, dh0, dc0
         x, m8, nact, hprev, cprev, gates, actc = saved
         T, B, D = x.shape
         H, dt = self.H, self.dtype
@@ -145,8 +160,7 @@ class _LSTM:
         return out[0 if gb else T - 1], None, saved
 
     def backward(self, saved, dy, need_dx=True, pool=None):
-        x = saved[0]
-        T, B, _ = x.shape
+        T, B = saved[1]["shape"][:2] if _on_gpu(saved) else saved[0].shape[:2]
         if self.rec.return_sequences:
             dout = dy[::-1] if self.rec.go_backwards else dy
         else:
@@ -156,11 +170,16 @@ class _LSTM:
         return dx, grads
 
 
+def _on_gpu(saved):
+    """Whether ``saved`` came from the CUDA forward pass of an _LSTM."""
+    return isinstance(saved[0], str) and saved[0] == "cuda"
+
+
 class _Bidirectional:
-    def __init__(self, rec, dtype):
+    def __init__(self, rec, dtype, device="cpu"):
         self.rec = rec
-        self.fwd = _LSTM(rec.forward_layer, dtype)
-        self.bwd = _LSTM(rec.backward_layer, dtype)
+        self.fwd = _LSTM(rec.forward_layer, dtype, device)
+        self.bwd = _LSTM(rec.backward_layer, dtype, device)
         self.mode = rec.merge_mode
         self.rs = rec.forward_layer.return_sequences
 
@@ -366,6 +385,9 @@ class _Plan:
                              f"every layer")
         self.dtype = dt = dtypes.pop()
         self.model = model
+        # a model imported with device="cuda" runs its LSTM recurrences (forward and
+        # backward) on the GPU; the rest of the step stays on the CPU
+        self.device = "cuda" if getattr(model, "device", "cpu") == "cuda" else "cpu"
         self.ops = []
         self.mask_source = None
         self.tokens = False
@@ -392,7 +414,7 @@ class _Plan:
             elif kind == "LSTM":
                 self._check_seq(fn, where)
                 _check_no_dropout(fn, where, rec)
-                self.ops.append(_LSTM(rec, dt))
+                self.ops.append(_LSTM(rec, dt, self.device))
                 if not rec.return_sequences:
                     self.seq_output = False
                 elif rec.go_backwards:
@@ -404,7 +426,7 @@ class _Plan:
                 if rec.merge_mode not in ("concat", "sum", "ave", "mul"):
                     raise ValueError(f"{fn}: {where} has merge_mode={rec.merge_mode!r}; "
                                      f"training supports concat, sum, ave and mul")
-                self.ops.append(_Bidirectional(rec, dt))
+                self.ops.append(_Bidirectional(rec, dt, self.device))
                 self.bidirectional = True
                 if not rec.return_sequences:
                     self.seq_output = False
@@ -610,6 +632,8 @@ def _blas_one_thread():
 def _layout(plan, B, n_threads):
     """Row groups and whether Bidirectional layers split their directions over two
     threads: with a Bidirectional layer, pairs of threads share a row group."""
+    if plan.device == "cuda":
+        return [(0, B)], False      # one stream of GPU launches
     split = n_threads >= 2 and plan.bidirectional
     per_group = 2 if split else 1
     n = max(1, min(n_threads // per_group, B // MIN_ROWS_PER_THREAD))
