@@ -305,3 +305,43 @@ def test_unit_split_size_rule(monkeypatch):
     assert not _cpu._use_unit_split(1, 50, 64, 128, None, True)
     assert not _cpu._use_unit_split(1, 50, 64, 128, np.zeros((3, 512)), False)
     assert not _cpu._use_unit_split(1, 1, 1, 64, None, False)
+
+
+def test_split_buffers_reused_unless_held():
+    """The split driver reuses a job's buffers across calls (no page faults per call),
+    but never a set that the worker may still touch (held), and keeps at most two."""
+    import types
+    w = types.SimpleNamespace(buffers={}, held=[])
+    args = (np.dtype(np.float32), 1, 5, 3, 4, 2)
+    a = _cpu._split_buffers(w, *args)
+    assert _cpu._split_buffers(w, *args) is a              # reused
+    w.held = [(1, (None, a[3]))]                           # job 1 may still touch a
+    b = _cpu._split_buffers(w, *args)
+    assert b is not a and b[3] is not a[3]
+    w.held = [(1, (None, a[3])), (2, (None, b[3]))]
+    c = _cpu._split_buffers(w, *args)                      # both held: a fresh third
+    assert c[3] is not a[3] and c[3] is not b[3]
+    assert len(w.buffers[(np.dtype(np.float32).str, 1, 5, 3, 4, 2)]) == 2
+    w.held = []
+    assert _cpu._split_buffers(w, *args) is a
+    # other sizes replace the kept sets; no worker (lock not held): always new arrays
+    d = _cpu._split_buffers(w, np.dtype(np.float32), 2, 5, 3, 4, 2)
+    assert list(w.buffers) == [(np.dtype(np.float32).str, 2, 5, 3, 4, 2)]
+    assert _cpu._split_buffers(None, *args) is not a and d is not a
+
+
+@needs_two_threads
+def test_consecutive_split_calls_with_reused_buffers(rng, assert_close, monkeypatch):
+    """Back-to-back calls of different inputs through the worker, reusing the buffers,
+    each match the reference."""
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    monkeypatch.setattr(config, "SPLIT_UNITS_MIN_STEP_MACS", 0)
+    monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)
+    _spinning_worker(np.float32)
+    B, T, D, H, K = 2, 9, 3, 8, 5
+    atol, rtol = config.tolerance(np.float32)
+    for i in range(6):
+        x, W, U, b, Wd, bd = _data(rng, B, T, D, H, K, np.float32)
+        got = lstm_dense(x, W, U, b, Wd, bd, "softmax", device="cpu")
+        want = ref_dense(ref_lstm(x, W, U, b, return_sequences=True), Wd, bd, "softmax")
+        assert_close(got, want, atol, rtol, what=f"call {i}")
