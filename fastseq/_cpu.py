@@ -122,80 +122,58 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
     dt = U.dtype
     Tc = chunk_steps(B, 4 * H, dt.itemsize, T)
     mask = np.ones((B, T), np.uint8) if m8 is None else m8
-    K = ep[0].shape[1] if ep is not None else 0
+    hbuf = np.empty((2, B, H), dt)
+    hbuf[0] = h
+    if ep is not None:
+        Wd, bd, code = ep
+        mode = lstm_split_cpu.OUT_EPILOGUE
+        seqbuf = np.empty((B, Tc, H), dt)
+        ybuf = np.empty((2, B * Tc, Wd.shape[1]), dt)
+    else:
+        Wd, bd, code = np.zeros((1, 1), dt), np.zeros(1, dt), 0
+        mode = lstm_split_cpu.OUT_NONE if out is None else lstm_split_cpu.OUT_SEQUENCE
+        seqbuf = np.empty((1, 1, 1), dt)
+        ybuf = np.empty((2, 1, 1), dt)
+    o = out if out is not None else np.empty((1, 1, 1), dt)
+    scratch = np.empty((3, lstm_split_cpu.scratch_size(B, Tc, D, H)), dt)
+    sync = np.zeros(sync_cpu.SYNC_SIZE, np.int64)
+
+    args = (x, W, U, b, hbuf, c, seen, mask, Tc, scratch, seqbuf, o, mode, Wd, bd, code,
+            ybuf, zero_output, act, rec)
     kw = worker_cpu
     worker = _threads.worker(dt, start=False)
-    locked = worker is not None and worker.lock.acquire(blocking=False)
-    try:
-        if locked:
+    if worker is None:
+        # first call of this dtype: run alone, then start the worker (it compiles its
+        # loop in the background the first time)
+        _run_part(0, sync, 0, *args)
+        _threads.worker(dt)
+    elif not worker.lock.acquire(blocking=False):
+        # another thread's job is using the worker: run this one alone
+        _run_part(0, sync, 0, *args)
+    else:
+        try:
             worker.release_done()
-        hbuf, seqbuf, ybuf, scratch = _split_buffers(worker if locked else None, dt, B,
-                                                     Tc, D, H, K)
-        hbuf[0] = h
-        if ep is not None:
-            Wd, bd, code = ep
-            mode = lstm_split_cpu.OUT_EPILOGUE
-        else:
-            Wd, bd, code = np.zeros((1, 1), dt), np.zeros(1, dt), 0
-            mode = lstm_split_cpu.OUT_NONE if out is None else lstm_split_cpu.OUT_SEQUENCE
-        o = out if out is not None else np.empty((1, 1, 1), dt)
-        # fresh for every job: a late part of the last job may still use its own
-        sync = np.zeros(sync_cpu.SYNC_SIZE, np.int64)
-        args = (x, W, U, b, hbuf, c, seen, mask, Tc, scratch, seqbuf, o, mode, Wd, bd,
-                code, ybuf, zero_output, act, rec)
-        if worker is None:
-            # first call of this dtype: run alone, then start the worker (it compiles
-            # its loop in the background the first time)
-            _run_part(0, sync, 0, *args)
-            _threads.worker(dt)
-        elif not locked:
-            # another thread's job is using the worker: run this one alone
-            _run_part(0, sync, 0, *args)
-        elif worker.spinning() and not worker.busy():
-            worker.seq += 1
-            seq = worker.seq
-            kw.post_split_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS, *args)
-            taken = True
-            try:
-                _run_part(0, sync, config.SPLIT_CLAIM_TICKS, *args)
-            finally:
-                taken = kw.finish_job(worker.mb, seq)
-                if taken:
-                    # the worker may still be returning from its part: keep what it
-                    # can touch alive, and out of reuse, until it is done (never wait
-                    # for it)
-                    worker.hold(seq, (sync, scratch) + args)
-        else:
-            # the worker dozes (or is still busy): wake it for the calls to come, run
-            # this one alone
-            worker.wake()
-            _run_part(0, sync, 0, *args)
-    finally:
-        if locked:
+            if worker.spinning() and not worker.busy():
+                worker.seq += 1
+                seq = worker.seq
+                kw.post_split_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS, *args)
+                taken = True
+                try:
+                    _run_part(0, sync, config.SPLIT_CLAIM_TICKS, *args)
+                finally:
+                    taken = kw.finish_job(worker.mb, seq)
+                    if taken:
+                        # the worker may still be returning from its part: keep what
+                        # it can touch alive until it is done (never wait for it)
+                        worker.hold(seq, (sync, scratch) + args)
+            else:
+                # the worker dozes (or is still busy): wake it for the calls to come,
+                # run this one alone
+                worker.wake()
+                _run_part(0, sync, 0, *args)
+        finally:
             worker.lock.release()
     h[...] = hbuf[T % 2]
-
-
-def _split_buffers(worker, dt, B, Tc, D, H, K):
-    """(hbuf, seqbuf, ybuf, scratch) of a split job.  With ``worker`` (its lock held by
-    the caller), one of the two sets kept on the worker for these sizes that no earlier
-    job can still touch is reused (fresh arrays of this size cost page faults on every
-    call: about 20 per C1 call here).  Two, because the worker is often still returning
-    from the last job's part when the next call comes.  Otherwise new arrays."""
-    key = (dt.str, B, Tc, D, H, K)
-    sets = worker.buffers.get(key, []) if worker is not None else []
-    busy = {id(refs[1]) for _, refs in worker.held} if worker is not None else set()
-    for bufs in sets:
-        if id(bufs[3]) not in busy:
-            return bufs
-    bufs = (np.empty((2, B, H), dt),
-            np.empty((B, Tc, H) if K else (1, 1, 1), dt),
-            np.empty((2, B * Tc, K) if K else (2, 1, 1), dt),
-            np.empty((3, lstm_split_cpu.scratch_size(B, Tc, D, H)), dt))
-    if worker is not None and len(sets) < 2:
-        # keep the sets of the last sizes used only
-        worker.buffers = {key: sets + [bufs]}
-    return bufs
 
 
 def table_dense_pair(ids, m8, parts, bd, activation):

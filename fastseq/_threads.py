@@ -129,7 +129,6 @@ class Worker:
         self.lock = threading.Lock()
         self.seq = 0
         self.held = []          # (job, arrays) the worker may still touch
-        self.buffers = {}       # scratch of the last split job, reused by the next
         self.pid = os.getpid()
         self.thread = threading.Thread(target=self.serve,
                                        args=(self.mb, config.SPLIT_WORKER_MAX_POLLS),
