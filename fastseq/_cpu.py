@@ -157,7 +157,6 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
                 worker.seq += 1
                 seq = worker.seq
                 kw.post_split_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS, *args)
-                taken = True
                 try:
                     _run_part(0, sync, config.SPLIT_CLAIM_TICKS, *args)
                 finally:
@@ -185,7 +184,8 @@ def table_dense_pair(ids, m8, parts, bd, activation):
 
     ids: [B, T] int64 token ids; m8: [B, T] uint8 mask or None
     parts: for each direction (table [V, 4H], Ub = block_columns(U), b [4H], WdT [K, H]
-    (its rows of the Dense kernel, transposed), reverse, flip_out, zero_output, act, rec) (see ``lstm_table_dense``).  Returns y [B, T, K].
+    (its rows of the Dense kernel, transposed), reverse, flip_out, zero_output, act,
+    rec) (see ``lstm_table_dense``).  Returns y [B, T, K].
     """
     B, T = ids.shape
     dt = parts[0][0].dtype
@@ -199,14 +199,14 @@ def table_dense_pair(ids, m8, parts, bd, activation):
         Tc = chunk_steps(B, G, dt.itemsize, T)
         jobs.append((table, ids, mask, Ub, b, WdT, np.zeros((B, H), dt),
                      np.zeros((B, H), dt), np.zeros(B, np.uint8), reverse, flip_out,
-                     zero_output, act, rec, np.empty(B * Tc, np.int64), np.empty(B * Tc, np.uint8),
+                     zero_output, act, rec, np.empty(B * Tc, np.int64),
+                     np.empty(B * Tc, np.uint8),
                      np.empty((Ub.shape[0], B, Ub.shape[2]), dt), np.empty(G, dt),
                      np.empty(B * Tc * H, dt), np.empty((B, T, K), dt)))
         macs = max(macs, B * T * (H * G + H * K))
-    kt = lstm_table_cpu.lstm_table_dense
     if _threads.get_num_threads() < 2 or macs < config.MIN_MACS_PER_THREAD:
-        kt(*jobs[0])
-        kt(*jobs[1])
+        for job in jobs:
+            lstm_table_cpu.lstm_table_dense(*job)
     else:
         _run_table_jobs(jobs, dt)
     y = jobs[0][-1]
@@ -221,28 +221,24 @@ def _run_table_jobs(jobs, dt):
     kt = lstm_table_cpu.lstm_table_dense
     kw = worker_cpu
     worker = _threads.worker(dt, start=False)
-    if worker is None or not worker.lock.acquire(blocking=False):
-        # first call of this dtype (start the worker for the calls to come; it
-        # compiles its loop in the background the first time), or another thread's
-        # job has the worker
-        kt(*jobs[0])
-        kt(*jobs[1])
-        if worker is None:
-            _threads.worker(dt)
-        return
+    locked = worker is not None and worker.lock.acquire(blocking=False)
     try:
-        worker.release_done()
-        if worker.busy():
-            # still returning from an earlier job: do both here
-            kt(*jobs[0])
-            kt(*jobs[1])
+        if locked:
+            worker.release_done()
+        if not locked or worker.busy():
+            # the first call of this dtype (start the worker for the calls to come; it
+            # compiles its loop in the background the first time), another thread's
+            # job has the worker, or it is still returning from an earlier job
+            for job in jobs:
+                kt(*job)
+            if worker is None:
+                _threads.worker(dt)
             return
         if not worker.spinning():
             worker.wake()
         worker.seq += 1
         seq = worker.seq
         kw.post_table_job(worker.mb, seq, *jobs[1])
-        taken = True
         try:
             kt(*jobs[0])
         finally:
@@ -252,7 +248,8 @@ def _run_table_jobs(jobs, dt):
         if not taken:
             kt(*jobs[1])
     finally:
-        worker.lock.release()
+        if locked:
+            worker.lock.release()
 
 
 def block_columns(U):

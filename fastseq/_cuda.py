@@ -370,6 +370,17 @@ def _immutable_host(a):
     return True
 
 
+def _transpose_dev(cuda, d):
+    """[R, C] device array -> a new [C, R] device array."""
+    R, C = (int(n) for n in d.shape)
+    out = cuda.device_array((C, R), dtype=d.dtype)
+    if R * C:
+        k, _ = _lstm_kernel(cuda, "transpose", np.dtype(d.dtype), 1)
+        k[min(-(-(R * C) // 256), 4096), 256](d, out)
+        LAUNCHES["transpose"] += 1
+    return out
+
+
 def _upload_weight(cuda, a, dt, transpose):
     if not is_device_array(a):
         arr = np.ascontiguousarray(a, dtype=dt)
@@ -378,17 +389,7 @@ def _upload_weight(cuda, a, dt, transpose):
         UPLOADS["weights"] += 1
         return cuda.to_device(arr)
     d = _to_dev(cuda, a, dt, "weights")
-    if not transpose:
-        return d
-    R, C = d.shape
-    out = cuda.device_array((C, R), dtype=dt)
-    if R * C:
-        k, _ = _lstm_kernel(cuda, "transpose", dt, 1)
-        nthr = 256
-        nblk = min(-(-(R * C) // nthr), 4096)
-        k[nblk, nthr](d, out)
-        LAUNCHES["transpose"] += 1
-    return out
+    return _transpose_dev(cuda, d) if transpose else d
 
 
 def _weight(cuda, a, dt, transpose=False):
@@ -617,17 +618,6 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     LAUNCHES["lstm_step"] += T
     last_lstm_path = ("stepwise", reason)
     return _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind)
-
-
-def _transpose_dev(cuda, d):
-    """[R, C] device array -> a new [C, R] device array."""
-    R, C = (int(n) for n in d.shape)
-    out = cuda.device_array((C, R), dtype=d.dtype)
-    if R * C:
-        k, _ = _lstm_kernel(cuda, "transpose", np.dtype(d.dtype), 1)
-        k[min(-(-(R * C) // 256), 4096), 256](d, out)
-        LAUNCHES["transpose"] += 1
-    return out
 
 
 def _train_kernel(cuda, name, dt):

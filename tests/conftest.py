@@ -49,6 +49,34 @@ def check_close(actual, expected, atol, rtol, what="result"):
         )
 
 
+@pytest.fixture(scope="session")
+def run_sim_worker(tmp_path_factory):
+    """``run_sim_worker(script)``: run ``python script --worker OUT_DIR`` in a
+    subprocess with Numba's CUDA simulator switched on (it must be on before
+    ``numba.cuda`` is first imported, and this process imports Numba normally); return
+    the (meta, arrays) it saved in OUT_DIR/meta.json and OUT_DIR/arrays.npz."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(script):
+        out = tmp_path_factory.mktemp("cudasim")
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", TF_CPP_MIN_LOG_LEVEL="3")
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker",
+                               str(out)], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, (
+            f"simulator worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-4000:]}")
+        with open(out / "meta.json") as f:
+            meta = json.load(f)
+        return meta, dict(np.load(out / "arrays.npz"))
+    return run
+
+
 @pytest.fixture
 def assert_close():
     """The verbose comparison helper, as a fixture: ``assert_close(a, e, atol, rtol)``."""

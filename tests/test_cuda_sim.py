@@ -353,19 +353,8 @@ from reference import ref_dense, ref_lstm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cudasim")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (
-        f"simulator worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
-        f"{proc.stderr[-4000:]}")
-    with open(out / "meta.json") as f:
-        meta = json.load(f)
-    arrays = dict(np.load(out / "arrays.npz"))
-    return meta, arrays
+def sim(run_sim_worker):
+    return run_sim_worker(__file__)
 
 
 def _meta(sim, name):

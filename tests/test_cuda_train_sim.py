@@ -10,7 +10,6 @@ round more than once.
 """
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -162,18 +161,8 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cudasim_train")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (
-        f"simulator worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
-        f"{proc.stderr[-4000:]}")
-    with open(out / "meta.json") as f:
-        meta = json.load(f)
-    return meta, dict(np.load(out / "arrays.npz"))
+def sim(run_sim_worker):
+    return run_sim_worker(__file__)
 
 
 # relative error (max |a - b| / max |b|) allowed between the CUDA and CPU gradients:
