@@ -50,7 +50,9 @@ def as_host(a, fn, name, dtype):
         raise TypeError(
             f"{fn}: `{name}` must hold real numbers (bool, int or float), got dtype "
             f"{arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    # np.asarray with order='C' keeps a 0-d input 0-d (np.ascontiguousarray makes it
+    # 1-d, and the error would then blame the wrong argument or shape)
+    return np.asarray(arr, dtype=dtype, order="C")
 
 
 def check_shape(fn, name, shape, expected, meaning):
@@ -90,3 +92,36 @@ def resolve_device(fn, device, *arrays):
     if device == "auto":
         return "cuda" if any(is_device_array(a) for a in arrays if a is not None) else "cpu"
     return device
+
+
+# --- command-line values (argparse ``type=`` functions: a bad value becomes a usage
+# error that names the option and the value, never a traceback later on) -------------
+def _cli_number(kind, parse, ok, what):
+    import argparse
+    import math
+
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (kind is float and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    convert.__name__ = what     # argparse names the type in some messages
+    return convert
+
+
+positive_int = _cli_number(int, int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _cli_number(int, int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _cli_number(float, float, lambda v: v > 0, "a finite number > 0")
+
+
+def writable_path(text):
+    """An output file path whose folder exists (checked before a long run, not after)."""
+    import argparse
+    import os
+    folder = os.path.dirname(os.path.abspath(text)) or "."
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder!r} of {text!r} does not exist")
+    return text

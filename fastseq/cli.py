@@ -27,6 +27,8 @@ def _csv(value: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import CONFIGS, PROVIDERS  # numpy only, no framework imports
+    from ._validate import (positive_int, nonneg_int, positive_float,  # noqa: F401
+                            writable_path)
     parser = argparse.ArgumentParser(
         prog="fastseq",
         description="fastseq: Keras-exact LSTM sequence taggers on Numba kernels.")
@@ -42,24 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated configs to run (default: %(default)s)")
     b.add_argument("--providers", type=_csv, default=",".join(PROVIDERS),
                    help="comma-separated providers (default: all: %(default)s)")
-    b.add_argument("--repeats", type=int, default=None,
+    b.add_argument("--repeats", type=positive_int, default=None,
                    help="timed runs per provider, median reported (default 7; 3 with --quick)")
-    b.add_argument("--warmup", type=int, default=None,
+    b.add_argument("--warmup", type=nonneg_int, default=None,
                    help="untimed runs after the first call (default 2; 1 with --quick)")
     b.add_argument("--quick", action="store_true",
                    help="tiny sizes and a subset of EWT (seconds; for tests and CI)")
-    b.add_argument("--threads", type=int, default=None,
+    b.add_argument("--threads", type=positive_int, default=None,
                    help="threads for every provider (default: each framework's own; "
                         "ONNX Runtime intra-op threads 2)")
-    b.add_argument("--budget", type=float, default=20.0, metavar="SECONDS",
+    b.add_argument("--budget", type=positive_float, default=20.0, metavar="SECONDS",
                    help="timed seconds per provider and config: slow providers get fewer "
                         "runs (at least 3) (default %(default)s)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights/input")
     b.add_argument("--c4-model", default=None, metavar="PATH.keras",
                    help="a trained C4 tagger (Embedding over datasets.default_vocab() -> "
                         "Bidirectional(LSTM) -> Dense(17, softmax)) instead of random weights")
-    b.add_argument("--json", default=None, metavar="PATH", help="write the full report as JSON")
-    b.add_argument("--plot", default=None, metavar="PATH",
+    b.add_argument("--json", type=writable_path, default=None, metavar="PATH", help="write the full report as JSON")
+    b.add_argument("--plot", type=writable_path, default=None, metavar="PATH",
                    help="write a PNG bar chart of time relative to fastseq")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     b.add_argument("--no-sgemm", action="store_true",
@@ -74,12 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model", help="a saved Keras model (.keras)")
     v.add_argument("--input", default=None, metavar="X.npy",
                    help="input array; default: random valid input from the model's input spec")
-    v.add_argument("--batch-size", type=int, default=None,
+    v.add_argument("--batch-size", type=positive_int, default=None,
                    help="predict batch size; also the number of random samples (default 32)")
-    v.add_argument("--time-steps", type=int, default=20,
+    v.add_argument("--time-steps", type=positive_int, default=20,
                    help="time steps of the random input when the model leaves T open")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--atol", type=float, default=None,
+    v.add_argument("--atol", type=positive_float, default=None,
                    help="absolute tolerance (default fastseq.config.KERAS_PARITY_ATOL)")
     from . import tagger  # numpy only at import time
     tagger.build_parser(sub.add_parser(

@@ -494,11 +494,21 @@ class Model:
         return np.argmax(y, axis=-1)
 
     # --- training (fastseq.training); grads/weights in keras_model.trainable_weights order
-    def compile(self, optimizer="adam", loss="sparse_categorical_crossentropy",
-                from_logits=False):
-        """Set the optimizer (a name, a ``fastseq.optimizers`` object, or a Keras
-        optimizer) and the loss for ``fit`` / ``train_on_batch``."""
+    def compile(self, optimizer=None, loss=None, from_logits=False):
+        """Set the optimizer (a name, a config dict, a ``fastseq.optimizers`` object, or
+        a Keras optimizer) and the loss for ``fit`` / ``train_on_batch``.  Left out,
+        each is the Keras model's own (a fresh optimizer with its class and
+        configuration, and its loss) when that model was compiled, else Adam with
+        Keras's defaults and sparse categorical cross-entropy."""
         from . import training
+        keras_settings = getattr(self, "_keras_compile", None) or {}
+        if optimizer is None:
+            optimizer = keras_settings.get("optimizer", "adam")
+            if isinstance(optimizer, Exception):
+                raise ValueError(f"compile: the Keras model's own optimizer cannot be "
+                                 f"used ({optimizer}); pass `optimizer`") from None
+        if loss is None:
+            loss = keras_settings.get("loss") or "sparse_categorical_crossentropy"
         return training.compile(self, optimizer, loss, from_logits)
 
     def loss_and_gradients(self, x, y, sample_weight=None, **kwargs):
@@ -535,7 +545,9 @@ class Model:
 
     @property
     def trainable_weights(self):
-        """The weight arrays themselves, in Keras's ``trainable_weights`` order."""
+        """Read-only views of the weight arrays, in Keras's ``trainable_weights``
+        order (see ``fastseq.training.trainable_weights``; change weights with
+        ``set_weights``)."""
         from . import training
         return training.trainable_weights(self)
 
@@ -668,7 +680,25 @@ def from_keras(keras_model, device="auto"):
         raise ValueError(f"from_keras: model {keras_model.name!r} has no layers")
     layers = [_import_layer(keras, layer, first=i == 0, last=i == len(calls) - 1)
               for i, layer in enumerate(calls)]
-    return Model(layers, input_shape, device=device, name=keras_model.name)
+    model = Model(layers, input_shape, device=device, name=keras_model.name)
+    model._keras_compile = _compile_settings(keras_model)
+    return model
+
+
+def _compile_settings(keras_model):
+    """The Keras model's compile settings, the defaults of ``Model.compile``: its
+    optimizer as a fastseq config dict (or the error that says why it cannot be
+    used) and its loss; None when the model was not compiled."""
+    from . import optimizers
+    kopt = getattr(keras_model, "optimizer", None)
+    if kopt is None or not getattr(keras_model, "compiled", False):
+        return None
+    try:
+        opt = optimizers.from_keras(kopt)
+        opt = {"class_name": type(opt).__name__, "config": opt.get_config()}
+    except (TypeError, ValueError) as exc:
+        opt = exc
+    return {"optimizer": opt, "loss": getattr(keras_model, "loss", None)}
 
 
 def _keras():

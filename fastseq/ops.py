@@ -188,5 +188,5 @@ def dense(x, kernel, bias=None, activation=None, device="auto"):
         from . import _cuda
         return _cuda.dense_cuda(x, W, b, key)
     from . import _cpu
-    y = _cpu.dense_forward(x.reshape(-1, D), W, b, key)
+    y = _cpu.dense_forward(x.reshape(int(np.prod(xs[:-1])), D), W, b, key)
     return y.reshape(xs[:-1] + (K,))

@@ -484,9 +484,12 @@ _CLASSES = {"adam": Adam, "sgd": SGD}
 
 def get(identifier):
     """An optimizer from a name ("adam", "sgd"), a config dict ``{"class_name": ...,
-    "config": {...}}``, or an Optimizer (returned as is)."""
+    "config": {...}}``, a Keras optimizer (its class and configuration, see
+    :func:`from_keras`), or a fastseq Optimizer (returned as is)."""
     if isinstance(identifier, Optimizer):
         return identifier
+    if _is_keras_optimizer(identifier):
+        return from_keras(identifier)
     if isinstance(identifier, str):
         cls = _CLASSES.get(identifier.lower())
         if cls is None:
@@ -499,8 +502,14 @@ def get(identifier):
             raise ValueError(f"optimizers.get: unknown optimizer class "
                              f"{identifier['class_name']!r}; supported: {sorted(_CLASSES)}")
         return cls.from_config(dict(identifier.get("config", {})))
-    raise TypeError(f"optimizers.get: expected an optimizer name, config dict or "
-                    f"Optimizer, got {type(identifier).__name__}")
+    raise TypeError(f"optimizers.get: expected an optimizer name, config dict, "
+                    f"fastseq Optimizer or Keras optimizer, got {type(identifier).__name__}")
+
+
+def _is_keras_optimizer(obj):
+    """Whether ``obj`` is a Keras optimizer (without importing Keras)."""
+    return any(c.__module__.split(".")[0] == "keras" and c.__name__ == "Optimizer"
+               for c in type(obj).__mro__)
 
 
 def from_keras(keras_optimizer):

@@ -523,7 +523,6 @@ def _prepare(plan, x, y, sample_weight, fn):
                          f"{y.shape}")
     if y.dtype.kind not in "iuf" or (y.dtype.kind == "f" and not np.all(y == np.trunc(y))):
         raise ValueError(f"{fn}: `y` must hold integer class ids, got dtype {y.dtype}")
-    y = y.astype(np.int32, copy=False)
     if plan.mask_source == "embedding":
         mask = x != 0
     elif plan.mask_source == "masking":
@@ -538,12 +537,14 @@ def _prepare(plan, x, y, sample_weight, fn):
         if sw.shape == (B,) and plan.seq_output:
             sw = np.broadcast_to(sw[:, None], want)
         if sw.shape != want:
-            raise ValueError(f"{fn}: `sample_weight` must have shape ({B},) or {want}, "
-                             f"got {sw.shape}")
+            shapes = f"({B},) or {want}" if plan.seq_output else f"({B},)"
+            raise ValueError(f"{fn}: `sample_weight` must have shape {shapes}, got "
+                             f"{sw.shape}")
         if not np.all(np.isfinite(sw)):
             raise ValueError(f"{fn}: `sample_weight` must be finite")
         w = w * sw
-    # labels of rows that count must be valid classes
+    # labels of rows that count must be valid classes (checked before the cast to
+    # int32, which would wrap ids of 2**31 and more onto valid classes)
     counted = w != 0 if mask is None else (w != 0) & mask
     if np.any(counted & ((y < 0) | (y >= plan.classes))):
         raise ValueError(f"{fn}: `y` holds class ids outside [0, {plan.classes})")
@@ -727,9 +728,20 @@ def loss_and_gradients(model, x, y, sample_weight=None, *, from_logits=None,
 
 
 def trainable_weights(model):
-    """The model's weight arrays themselves (not copies), in Keras's
-    ``trainable_weights`` order; an optimizer updates them in place."""
-    return _all_weights(model)
+    """Read-only views of the model's weight arrays (not copies: they show every later
+    update by ``fit``, ``train_on_batch`` or ``set_weights``), in Keras's
+    ``trainable_weights`` order.  They are read-only because the model caches arrays
+    derived from its weights (an Embedding's table of input projections, a Dense's
+    halves, blocked recurrent kernels, GPU copies) and renews them only when its
+    weights change through its own methods: change weights with ``set_weights``
+    (e.g. ``model.set_weights([w - lr * g for w, g in zip(model.get_weights(),
+    grads)])``)."""
+    out = []
+    for w in _all_weights(model):
+        v = w.view()
+        v.flags.writeable = False
+        out.append(v)
+    return out
 
 
 def get_weights(model):
@@ -761,15 +773,26 @@ def set_weights(model, weights):
     ``keras_model.get_weights()`` of a model without non-trainable weights) into the
     model's arrays in place."""
     mine = _all_weights(model)
-    weights = list(weights)
+    try:
+        weights = list(weights)
+    except TypeError:
+        raise TypeError(f"set_weights: `weights` must be a list of {len(mine)} arrays, "
+                        f"got {type(weights).__name__}") from None
     if len(weights) != len(mine):
         raise ValueError(f"set_weights: the model has {len(mine)} weight arrays, got "
                          f"{len(weights)}")
+    # check every array before writing any, so a bad one leaves the model unchanged
+    checked = []
     for i, (m, w) in enumerate(zip(mine, weights)):
-        w = np.asarray(w)
+        if w is None:
+            raise TypeError(f"set_weights: weight {i} must be an array of shape "
+                            f"{m.shape}, got None")
+        w = _validate.as_host(w, "set_weights", f"weights[{i}]", m.dtype)
         if w.shape != m.shape:
             raise ValueError(f"set_weights: weight {i} must have shape {m.shape}, got "
                              f"{w.shape}")
+        checked.append(w)
+    for m, w in zip(mine, checked):
         m[...] = w
     _weights_changed(model)
 
@@ -778,6 +801,9 @@ def to_keras(model, keras_model):
     """Write the fastseq model's weights into ``keras_model`` (the model it was imported
     from, or one of the same architecture)."""
     mine = _all_weights(model)
+    if not hasattr(keras_model, "trainable_weights"):
+        raise TypeError(f"to_keras: `keras_model` must be a Keras model, got "
+                        f"{type(keras_model).__name__}")
     theirs = list(keras_model.trainable_weights)
     if len(theirs) != len(mine):
         raise ValueError(f"to_keras: the Keras model has {len(theirs)} trainable weights, "
@@ -857,10 +883,21 @@ def evaluate(model, x, y=None, sample_weight=None, batch_size=32, *, from_logits
             "accuracy": correct / weight if weight else float("nan")}
 
 
+def _check_batch_size(batch_size, fn):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or \
+            batch_size < 1:
+        raise ValueError(f"{fn}: `batch_size` must be a positive int, got {batch_size!r}")
+
+
 def _batches(x, y, sample_weight, batch_size, shuffle, rng, fn):
     """(x, y, sample_weight) batches from arrays or from a sequence of batches."""
     if y is None:
-        items = list(x)
+        try:
+            items = list(x)
+        except TypeError:
+            raise TypeError(f"{fn}: with y=None, `x` must be a sequence of (x, y) or "
+                            f"(x, y, sample_weight) batches, got {type(x).__name__}") \
+                from None
         order = rng.permutation(len(items)) if shuffle else range(len(items))
         for i in order:
             b = items[i]
@@ -869,14 +906,21 @@ def _batches(x, y, sample_weight, batch_size, shuffle, rng, fn):
                                 f"(x, y, sample_weight) batches")
             yield b[0], b[1], (b[2] if len(b) == 3 else None)
         return
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or \
-            batch_size < 1:
-        raise ValueError(f"{fn}: `batch_size` must be a positive int, got {batch_size!r}")
+    _check_batch_size(batch_size, fn)
     x = np.asarray(x)
     y = np.asarray(y)
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"{fn}: `x` and `y` must be arrays with a batch axis, got "
+                         f"shapes {x.shape} and {y.shape}")
     if len(x) != len(y):
         raise ValueError(f"{fn}: `x` and `y` have {len(x)} and {len(y)} samples")
-    sw = None if sample_weight is None else np.asarray(sample_weight)
+    sw = None
+    if sample_weight is not None:
+        sw = np.asarray(sample_weight)
+        if sw.ndim not in (1, 2) or len(sw) != len(x):
+            raise ValueError(f"{fn}: `sample_weight` must have shape ({len(x)},) or "
+                             f"({len(x)}, T), one weight per sample (or per sample and "
+                             f"step), got shape {sw.shape}")
     idx = rng.permutation(len(x)) if shuffle else np.arange(len(x))
     for lo in range(0, len(x), batch_size):
         sel = idx[lo:lo + batch_size]
@@ -904,10 +948,16 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None,
     rng = np.random.default_rng(seed)
     history = {"loss": [], "accuracy": [], "epoch_time": []}
     if y is None:
-        x = list(x)
+        try:
+            x = list(x)
+        except TypeError:
+            raise TypeError(f"fit: with y=None, `x` must be a sequence of (x, y) or "
+                            f"(x, y, sample_weight) batches, got {type(x).__name__}") \
+                from None
         n_batches = len(x)
     else:
-        n_batches = math.ceil(len(x) / batch_size) if batch_size else 0
+        _check_batch_size(batch_size, "fit")
+        n_batches = math.ceil(len(np.asarray(x)) / batch_size) if np.ndim(x) else 0
     for epoch in range(epochs):
         t0 = time.perf_counter()
         bar = _progress(n_batches, f"Epoch {epoch + 1}/{epochs}", verbose)
@@ -981,32 +1031,20 @@ def lstm_vjp(x, kernel, recurrent_kernel, bias, dy, *, initial_state=None, mask=
     if device == "cuda":
         from . import _cuda
         _cuda._require()
-    for name, val, choices in (("activation", activation, _ops.LSTM_ACTIVATIONS),
-                               ("recurrent_activation", recurrent_activation,
-                                _ops.LSTM_ACTIVATIONS)):
-        if val is None:
-            continue
-        if val not in choices:
-            raise ValueError(f"{fn}: unknown `{name}` {val!r}; expected one of "
-                             f"{sorted(choices)}")
+    # the checks of fastseq.lstm (host arrays in, whatever the device)
+    a = _ops._lstm_args(fn, x, kernel, recurrent_kernel, bias, initial_state, mask,
+                        return_sequences, go_backwards, zero_output_for_mask, activation,
+                        recurrent_activation, "cpu")
+    x, W, U, b, h0, c0, mask = a["arrays"]
+    if bias is None:
+        b = None
+    dt = a["dtype"]
+    B, T, D = x.shape
+    H = a["H"]
+    if B == 0:
+        raise ValueError(f"{fn}: `x` must hold at least one sample, got shape {x.shape}")
     activation = activation or "linear"
     recurrent_activation = recurrent_activation or "linear"
-    x = np.asarray(x)
-    dt = np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
-    x = np.ascontiguousarray(x, dtype=dt)
-    if x.ndim != 3:
-        raise ValueError(f"{fn}: `x` must be [B, T, D], got shape {x.shape}")
-    B, T, D = x.shape
-    W = np.ascontiguousarray(kernel, dtype=dt)
-    U = np.ascontiguousarray(recurrent_kernel, dtype=dt)
-    H = U.shape[0]
-    if W.shape != (D, 4 * H) or U.shape != (H, 4 * H):
-        raise ValueError(f"{fn}: `kernel` must be [D, 4H] = ({D}, {4 * H}) and "
-                         f"`recurrent_kernel` [H, 4H] = ({H}, {4 * H}); got {W.shape} and "
-                         f"{U.shape}")
-    b = None if bias is None else np.ascontiguousarray(bias, dtype=dt)
-    if b is not None and b.shape != (4 * H,):
-        raise ValueError(f"{fn}: `bias` must be [4H] = ({4 * H},), got {b.shape}")
     rec = SimpleNamespace(kernel=W, recurrent_kernel=U, bias=b,
                           return_sequences=bool(return_sequences),
                           go_backwards=bool(go_backwards),
@@ -1016,24 +1054,25 @@ def lstm_vjp(x, kernel, recurrent_kernel, bias, dy, *, initial_state=None, mask=
     if mask is None:
         m8 = np.ones((T, B), np.uint8)
     else:
-        mask = np.asarray(mask)
-        if mask.shape != (B, T):
-            raise ValueError(f"{fn}: `mask` must be [B, T] = ({B}, {T}), got {mask.shape}")
-        m8 = _time_major((mask != 0).astype(np.uint8))
-    h0 = c0 = None
-    if initial_state is not None:
-        h0, c0 = (np.asarray(s, dtype=dt) for s in initial_state)
-        if h0.shape != (B, H) or c0.shape != (B, H):
-            raise ValueError(f"{fn}: `initial_state` must be [h0, c0], each [B, H] = "
-                             f"({B}, {H})")
+        m8 = _time_major(mask.astype(np.uint8))
     if return_state:
-        d_out, d_h, d_c = list(dy)
+        if not isinstance(dy, (list, tuple)) or len(dy) != 3:
+            raise ValueError(f"{fn}: with return_state, `dy` must be a list [d_output, "
+                             f"d_h, d_c] (entries may be None), got "
+                             f"{type(dy).__name__}"
+                             + (f" of length {len(dy)}" if isinstance(dy, (list, tuple))
+                                else ""))
+        d_out, d_h, d_c = dy
     else:
         d_out, d_h, d_c = dy, None, None
+    if d_h is not None:
+        d_h = _validate.as_host(d_h, fn, "dy[1]", dt)
+    if d_c is not None:
+        d_c = _validate.as_host(d_c, fn, "dy[2]", dt)
     xt = _time_major(x)
     dout = np.zeros((T, B, H), dt)
     if d_out is not None:
-        d_out = np.asarray(d_out, dtype=dt)
+        d_out = _validate.as_host(d_out, fn, "dy[0]" if return_state else "dy", dt)
         want = (B, T, H) if return_sequences else (B, H)
         if d_out.shape != want:
             raise ValueError(f"{fn}: the output gradient must have shape {want}, got "
@@ -1173,6 +1212,9 @@ def load(path, device="auto"):
         raise FileNotFoundError(f"load: no model config at {js}") from None
     if config.get("format") != _FORMAT:
         raise ValueError(f"load: {js} is not a fastseq model file")
+    if not npz.is_file():
+        raise FileNotFoundError(f"load: no model weights at {npz} (its config {js} "
+                                f"exists)")
     with np.load(npz, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     layers = [_make_layer(ki, c, arrays) for c in config["layers"]]

@@ -183,9 +183,10 @@ def test_gradient_order_and_weights_follow_keras():
     theirs = [v.numpy() for v in model.trainable_weights]
     assert [w.shape for w in mine] == [w.shape for w in theirs]
     assert all(np.array_equal(a, b) for a, b in zip(mine, theirs))
-    # trainable_weights are the live arrays the optimizer updates
+    # trainable_weights are read-only views of the live arrays the optimizer updates
     live = training.trainable_weights(fm)
-    assert live[1] is fm.layers[1].kernel
+    assert np.shares_memory(live[1], fm.layers[1].kernel)
+    assert not any(w.flags.writeable for w in live)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

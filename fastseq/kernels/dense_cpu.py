@@ -35,7 +35,7 @@ def bias_act_rows(y, b, act):
                 row[k] = v
                 if v > m:
                     m = v
-            s = row[0] - row[0]  # zero of the row's dtype
+            s = y.dtype.type(0)  # (row[0] - row[0] is NaN for an infinite row[0])
             if act == DENSE_SOFTMAX:
                 for k in range(K):
                     e = math.exp(row[k] - m)

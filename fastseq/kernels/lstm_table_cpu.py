@@ -23,7 +23,7 @@ def _dense4(h0, h1, h2, h3, WdT, y0, y1, y2, y3):
     K, H = WdT.shape
     for j in range(K):
         w = WdT[j]
-        a0 = h0[0] - h0[0]    # zero of the dtype
+        a0 = h0.dtype.type(0)
         a1 = a0
         a2 = a0
         a3 = a0
@@ -44,7 +44,7 @@ def _dense1(h0, WdT, y0):
     K, H = WdT.shape
     for j in range(K):
         w = WdT[j]
-        a0 = h0[0] - h0[0]
+        a0 = h0.dtype.type(0)
         for k in range(H):
             a0 += h0[k] * w[k]
         y0[j] = a0

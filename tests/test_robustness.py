@@ -1,0 +1,220 @@
+"""Regressions from a pass of hostile inputs over the public API: each case below once
+gave a wrong answer, a stale answer or an unhelpful error."""
+import keras
+import numpy as np
+import pytest
+
+import fastseq
+from fastseq import cli, training
+from fastseq.training import lstm_vjp
+
+from test_errors import expect_error
+
+
+def _bilstm_tagger(V=20, E=6, H=5, K=4, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((None,), dtype="int32"),
+        keras.layers.Embedding(V, E, mask_zero=True),
+        keras.layers.Bidirectional(keras.layers.LSTM(H, return_sequences=True)),
+        keras.layers.TimeDistributed(keras.layers.Dense(K, activation="softmax")),
+    ])
+
+
+def _ids(rng, B=4, T=7, V=20):
+    ids = rng.integers(1, V, size=(B, T))
+    ids[1, 4:] = 0
+    ids[3, 2:] = 0
+    return ids
+
+
+# --- numerics: a first value that is infinite or NaN -----------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("activation", ["softmax", "log_softmax"])
+def test_softmax_with_minus_inf_first_logit(dtype, activation):
+    """The accumulator once started as row[0] - row[0], NaN when row[0] is -inf."""
+    bias = np.array([-np.inf, 0.0, 1.0], dtype)
+    y = fastseq.dense(np.zeros((2, 2), dtype), np.zeros((2, 3), dtype), bias, activation)
+    e = np.exp(1.0)
+    want = np.array([0.0, 1 / (1 + e), e / (1 + e)])
+    if activation == "log_softmax":
+        with np.errstate(divide="ignore"):
+            want = np.log(want)
+    assert np.array_equal(np.isfinite(y), np.isfinite(want)[None].repeat(2, 0))
+    np.testing.assert_allclose(y[:, 1:], np.broadcast_to(want[1:], (2, 2)), rtol=1e-6)
+    assert (y[:, 0] == (0.0 if activation == "softmax" else -np.inf)).all()
+
+
+def test_nan_in_embedding_stays_at_its_step():
+    """Embedding -> Bidirectional -> Dense: the Dense of four steps at a time once
+    started its sums from the first step's value, so a NaN there spread to the next
+    three steps' outputs; Keras keeps them finite."""
+    km = _bilstm_tagger()
+    w = km.get_weights()
+    w[0][7] = np.nan
+    km.set_weights(w)
+    x = np.array([[7, 0, 0, 0, 0, 0, 0, 0], [3, 4, 5, 6, 8, 9, 0, 0]])
+    want = km.predict(x, verbose=0)
+    got = fastseq.from_keras(km).predict(x)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[0, 0]).all() and np.isfinite(got[0, 1:]).all()
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+
+
+# --- weights: no stale derived arrays ---------------------------------------------------
+def test_trainable_weights_are_read_only_views():
+    fm = fastseq.from_keras(_bilstm_tagger())
+    live = fm.trainable_weights
+    assert not any(w.flags.writeable for w in live)
+    with pytest.raises(ValueError, match="read-only"):
+        live[0][...] = 0.0
+    fm.set_weights([np.full_like(w, 0.5) for w in fm.get_weights()])
+    assert all((w == 0.5).all() for w in live)   # views follow the model's arrays
+
+
+def test_updates_through_set_weights_reach_cached_paths():
+    """A manual update loop (loss_and_gradients + set_weights) after a predict: the
+    Embedding table, the Dense halves and the blocked kernels are renewed."""
+    rng = np.random.default_rng(0)
+    km = _bilstm_tagger()
+    fm = fastseq.from_keras(km)
+    ids = _ids(rng)
+    y = rng.integers(0, 4, size=ids.shape)
+    fm.predict(ids)                       # builds the caches
+    for _ in range(3):
+        _, grads = fm.loss_and_gradients(ids, y)
+        fm.set_weights([w - 0.5 * g for w, g in zip(fm.get_weights(), grads)])
+    km.set_weights(fm.get_weights())
+    np.testing.assert_allclose(fm.predict(ids), km.predict(ids, verbose=0), atol=1e-5)
+
+
+def test_set_weights_checks_everything_before_writing():
+    fm = fastseq.from_keras(_bilstm_tagger())
+    before = fm.get_weights()
+    bad = [w + 1.0 for w in before]
+    bad[-1] = np.zeros(99)
+    with pytest.raises(ValueError, match="weight .* must have shape"):
+        fm.set_weights(bad)
+    assert all(np.array_equal(a, b) for a, b in zip(fm.get_weights(), before))
+    bad[-1] = None
+    with pytest.raises(TypeError, match="got None"):
+        fm.set_weights(bad)
+    bad[-1] = before[-1].astype(complex)
+    with pytest.raises(TypeError, match="real numbers"):
+        fm.set_weights(bad)
+    with pytest.raises(TypeError, match="to_keras: `keras_model`"):
+        fm.to_keras(None)
+
+
+# --- training inputs ----------------------------------------------------------------------
+def test_huge_class_ids_are_rejected_not_wrapped():
+    """ids >= 2**31 were cast to int32 before the range check and wrapped onto valid
+    classes (2**32 + 3 trained as class 3)."""
+    rng = np.random.default_rng(1)
+    fm = fastseq.from_keras(_bilstm_tagger())
+    ids = _ids(rng)
+    for bad in (2**32 + 3, 2**31, -(2**32) + 1):
+        with pytest.raises(ValueError, match=r"`y` holds class ids outside \[0, 4\)"):
+            fm.loss_and_gradients(ids, np.full(ids.shape, bad, np.int64))
+
+
+def test_fit_checks_sample_weight_and_batch_size():
+    rng = np.random.default_rng(2)
+    fm = fastseq.from_keras(_bilstm_tagger())
+    fm.compile("adam")
+    ids = _ids(rng)
+    y = rng.integers(0, 4, size=ids.shape)
+    expect_error(ValueError, lambda: fm.fit(ids, y, sample_weight=np.ones(3), verbose=0),
+                 "sample_weight", "(3,)", "(4,)")
+    expect_error(ValueError, lambda: fm.fit(ids, y, sample_weight=2.0, verbose=0),
+                 "sample_weight", "()", "(4,)")
+    expect_error(ValueError, lambda: fm.fit(ids, y, batch_size="8", verbose=0),
+                 "batch_size", "'8'")
+    expect_error(TypeError, lambda: fm.fit(5, verbose=0), "x", "int")
+
+
+# --- compile: Keras optimizers and the Keras model's own settings -------------------------
+def test_compile_defaults_to_the_keras_models_settings():
+    km = _bilstm_tagger()
+    km.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
+               loss="sparse_categorical_crossentropy")
+    fm = fastseq.from_keras(km)
+    fm.compile()
+    opt = fm._fastseq_training["optimizer"]
+    assert type(opt).__name__ == "SGD"
+    assert opt.learning_rate == pytest.approx(0.5) and opt.momentum == pytest.approx(0.9)
+    fm.compile(keras.optimizers.Adam(0.01))      # a Keras optimizer object
+    opt = fm._fastseq_training["optimizer"]
+    assert type(opt).__name__ == "Adam" and opt.learning_rate == pytest.approx(0.01)
+    # not compiled in Keras: Adam with Keras's defaults
+    fm = fastseq.from_keras(_bilstm_tagger())
+    fm.compile()
+    opt = fm._fastseq_training["optimizer"]
+    assert type(opt).__name__ == "Adam" and opt.learning_rate == pytest.approx(1e-3)
+    # an optimizer fastseq does not have: compile() says so, an explicit one works
+    km.compile(optimizer=keras.optimizers.RMSprop(), loss="sparse_categorical_crossentropy")
+    fm = fastseq.from_keras(km)
+    with pytest.raises(ValueError, match="RMSprop is not supported; .*pass `optimizer`"):
+        fm.compile()
+    fm.compile("sgd")
+
+
+# --- shapes at the edges ------------------------------------------------------------------
+def test_dense_with_no_input_features_gives_the_activated_bias():
+    b = np.arange(7, dtype=np.float32)
+    y = fastseq.dense(np.zeros((3, 0), np.float32), np.zeros((0, 7), np.float32), b,
+                      "softmax")
+    e = np.exp(b - b.max())
+    np.testing.assert_allclose(y, np.broadcast_to(e / e.sum(), (3, 7)), rtol=1e-6)
+
+
+def test_scalar_inputs_are_reported_as_scalars():
+    expect_error(ValueError, lambda: fastseq.dense(np.float32(2), np.zeros((1, 3))),
+                 "x", "scalar")
+    expect_error(ValueError, lambda: fastseq.lstm(np.float32(1), np.zeros((1, 4)),
+                                                  np.zeros((1, 4))),
+                 "x", "got shape ()")
+
+
+def test_lstm_vjp_checks_its_arguments_like_lstm():
+    rng = np.random.default_rng(3)
+    B, T, D, H = 2, 3, 4, 5
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    W = rng.standard_normal((D, 4 * H)).astype(np.float32)
+    U = rng.standard_normal((H, 4 * H)).astype(np.float32)
+    b = np.zeros(4 * H, np.float32)
+    dy = np.ones((B, H), np.float32)
+    expect_error(TypeError, lambda: lstm_vjp(x + 1j, W, U, b, dy), "x", "complex64")
+    expect_error(TypeError, lambda: lstm_vjp(x, W, U, b, dy, mask=np.full((B, T), 0.4)),
+                 "mask", "float64")
+    expect_error(ValueError, lambda: lstm_vjp(x[:0], W, U, b, dy[:0]), "x", "(0, 3, 4)")
+    expect_error(ValueError, lambda: lstm_vjp(x, W, U, b, dy, return_state=True), "dy",
+                 "ndarray")
+    expect_error(ValueError, lambda: lstm_vjp(x, W, U, b, dy, initial_state=[dy]),
+                 "initial_state", "length 1")
+    expect_error(ValueError, lambda: lstm_vjp(x, W, U, b, dy, activation=["tanh"]),
+                 "activation", "['tanh']")
+    expect_error(TypeError, lambda: lstm_vjp(x, W, U, b, "abc"), "dy", "<U3")
+    assert lstm_vjp(x, W, U, None, dy)["bias"] is None
+
+
+# --- the command line ---------------------------------------------------------------------
+@pytest.mark.parametrize("argv, option", [
+    (["bench", "--threads", "0"], "--threads"),
+    (["bench", "--repeats", "-1"], "--repeats"),
+    (["bench", "--budget", "-5"], "--budget"),
+    (["bench", "--json", "/no/such/folder/x.json"], "--json"),
+    (["validate", "m.keras", "--batch-size", "0"], "--batch-size"),
+    (["validate", "m.keras", "--atol", "nan"], "--atol"),
+    (["train-tagger", "--max-sentences", "0"], "--max-sentences"),
+    (["train-tagger", "--max-sentences", "-12000"], "--max-sentences"),
+    (["train-tagger", "--units", "0"], "--units"),
+    (["train-tagger", "--threads", "0"], "--threads"),
+    (["train-tagger", "--save", "/no/such/folder/x"], "--save"),
+])
+def test_cli_rejects_bad_values_up_front(argv, option, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and argv[-1] in err
