@@ -727,6 +727,8 @@ def _chain(keras, model):
         raise TypeError(f"from_keras: model {model.name!r} ({type(model).__name__}) is a "
                         f"subclassed model; only Sequential and functional models can be "
                         f"imported")
+    if not model.layers:
+        raise ValueError(f"from_keras: model {model.name!r} has no layers")
     try:
         inputs, outputs = model.inputs, model.outputs
     except (AttributeError, ValueError):
@@ -738,7 +740,7 @@ def _chain(keras, model):
         raise ValueError(f"from_keras: model {model.name!r} has {len(inputs)} inputs; "
                          f"only single-input chains are supported")
     hist = [t._keras_history for t in outputs]
-    if any((h.operation, h.node_index, h.tensor_index) != (hist[0].operation,
+    if len(hist) > 1 and any((h.operation, h.node_index, h.tensor_index) != (hist[0].operation,
                                                            hist[0].node_index, i)
            for i, h in enumerate(hist)):
         names = ", ".join(sorted({_describe(h.operation) for h in hist}))

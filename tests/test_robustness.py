@@ -218,3 +218,12 @@ def test_cli_rejects_bad_values_up_front(argv, option, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}:" in err and argv[-1] in err
+
+
+def test_from_keras_messages_name_the_real_problem():
+    with pytest.raises(ValueError, match="has no layers"):
+        fastseq.from_keras(keras.Sequential([keras.Input((None, 3))]))
+    inp = keras.Input((5, 3))
+    _, h, _ = keras.layers.LSTM(4, return_state=True)(inp)
+    with pytest.raises(ValueError, match=r"uses output 1 of layer '.*' \(LSTM\)"):
+        fastseq.from_keras(keras.Model(inp, h))
