@@ -244,6 +244,28 @@ def test_unserved_job_is_cancelled(rng, assert_close):
     assert_close(st["out"], want, atol, rtol, what="cancelled job run alone")
 
 
+def test_worker_never_takes_a_cancelled_job():
+    """The worker's stale read: it read MB_JOB = s - 1, lost the core, and reads
+    MB_TAKEN only after the caller posted job s and cancelled it (MB_TAKEN = s).  Its
+    claim must fail and leave the mailbox as it is (it once set MB_TAKEN back to s - 1
+    and ran the cancelled job on arrays the caller had freed)."""
+    mb = np.zeros(worker_cpu.MB_SIZE, np.int64)
+    s = 5
+    for slot in (worker_cpu.MB_JOB, worker_cpu.MB_TAKEN, worker_cpu.MB_DONE):
+        mb[slot] = s - 1
+    job = int(mb[worker_cpu.MB_JOB])            # the worker's first load ...
+    mb[worker_cpu.MB_JOB] = s                   # ... the caller posts job s ...
+    assert not worker_cpu.finish_job(mb, s)     # ... and cancels it
+    taken = int(mb[worker_cpu.MB_TAKEN])        # the worker's second load
+    assert not worker_cpu.take_job(mb, job, taken)
+    assert mb[worker_cpu.MB_TAKEN] == s and mb[worker_cpu.MB_DONE] == s
+    # the next job is taken once, and then the caller cannot cancel it
+    mb[worker_cpu.MB_JOB] = s + 1
+    assert worker_cpu.take_job(mb, s + 1, s)
+    assert not worker_cpu.take_job(mb, s + 1, s)
+    assert worker_cpu.finish_job(mb, s + 1)     # True: the worker has it
+
+
 @needs_two_threads
 def test_worker_sleeps_and_wakes(rng, assert_close, monkeypatch):
     """A worker put to rest dozes; the next call runs alone, right, and pokes it to

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fastseq
-from fastseq import cli, training
+from fastseq import _threads, cli, training
 from fastseq.training import lstm_vjp
 
 from test_errors import expect_error
@@ -227,3 +227,40 @@ def test_from_keras_messages_name_the_real_problem():
     _, h, _ = keras.layers.LSTM(4, return_state=True)(inp)
     with pytest.raises(ValueError, match=r"uses output 1 of layer '.*' \(LSTM\)"):
         fastseq.from_keras(keras.Model(inp, h))
+
+
+@pytest.mark.skipif(_threads.get_num_threads() < 2,
+                    reason="the worker thread is used only when two threads are allowed")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_predict_from_four_threads_matches_one_thread(dtype):
+    """Four Python threads calling predict on one model: every call must equal the
+    single-thread result.  Before the worker's claim was fixed
+    (``worker_cpu.take_job``), such runs crashed (heap corruption) or returned wrong
+    outputs in about half the tries."""
+    import threading
+    from fastseq import tagger
+    model = tagger.build_model(300, 16, 24, seed=1, dtype=np.dtype(dtype).type)
+    rng = np.random.default_rng(0)
+    xs = [rng.integers(0, 300, size=shape) for shape in
+          [(1, 40), (3, 25), (32, 30), (8, 60), (1, 3), (64, 12)]]
+    for x in xs:
+        x[0, -2:] = 0
+    want = [model.predict(x) for x in xs]
+    bad, errors = [], []
+
+    def work(k):
+        try:
+            for it in range(120):
+                i = (k + it) % len(xs)
+                got = model.predict(xs[i], batch_size=None if it % 3 else 2)
+                if not np.array_equal(got, want[i]):
+                    bad.append((k, it, i))
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert not bad, f"{len(bad)} of 480 calls differ from the single-thread result"

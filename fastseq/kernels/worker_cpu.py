@@ -151,6 +151,18 @@ def _run_posted(mb, dt):
             _arr3(mb, 11, dt), _arr1(mb, 12, dt), _arr1(mb, 13, dt), _arr3(mb, 14, dt))
 
 
+@njit(**NJIT_OPTS)
+def take_job(mb, job, taken):
+    """The worker's claim of job ``job``, having read MB_JOB = ``job`` and then
+    MB_TAKEN = ``taken``: True when it now owns the job.  Sequence numbers only grow,
+    so only a newer job is taken.  The worker's two loads are not one atomic read: it
+    may read an old MB_JOB (s - 1), lose the core, and read MB_TAKEN after the caller
+    has posted and cancelled job s (MB_TAKEN = s).  A test of ``job != taken`` then let
+    its compare-and-swap set MB_TAKEN back from s to s - 1 and run the cancelled job,
+    whose arrays the caller was using or had freed (heap corruption, wrong outputs)."""
+    return job > taken and atomic_cas(mb, MB_TAKEN, taken, job)
+
+
 @njit(**NJIT_INLINE_OPTS)
 def _serve(mb, max_polls, dt):
     """Serve jobs until mb[MB_QUIT] is set.  State 1 (spinning): poll without pause;
@@ -166,8 +178,8 @@ def _serve(mb, max_polls, dt):
     while atomic_load(mb, MB_QUIT) == 0:
         job = atomic_load(mb, MB_JOB)
         taken = atomic_load(mb, MB_TAKEN)
-        if job != taken:
-            if atomic_cas(mb, MB_TAKEN, taken, job):
+        if job > taken:
+            if take_job(mb, job, taken):
                 _run_posted(mb, dt)
                 atomic_store(mb, MB_DONE, job)
             nap = 0
