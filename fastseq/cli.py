@@ -200,6 +200,10 @@ def cmd_validate(args) -> int:
     try:
         if args.input:
             x = np.load(args.input, allow_pickle=False)
+            if not isinstance(x, np.ndarray):
+                x.close()
+                raise ValueError(f"--input {args.input}: expected one array saved with "
+                                 f"numpy.save (.npy), got an archive of several")
             emb = _find_layer(model, {"Embedding"})
             if emb is not None and x.ndim == 2 and emb.mask_zero:
                 mask = x != 0

@@ -72,15 +72,24 @@ def read_conllu(source) -> Iterator[tuple[list[str], list[str]]]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            yield from read_conllu(f)
+        try:
+            # utf-8-sig: a byte-order mark is not part of the first line's ID
+            with opener(path, "rt", encoding="utf-8-sig") as f:
+                yield from read_conllu(f)
+        except (UnicodeDecodeError, OSError, EOFError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise ValueError(f"{path}: cannot read it as UTF-8 CoNLL-U "
+                             f"({type(exc).__name__}: {exc})") from None
         return
     if isinstance(source, (bytes, bytearray)):
-        source = io.StringIO(source.decode("utf-8"))
+        source = io.StringIO(source.decode("utf-8-sig"))
     words: list[str] = []
     tags: list[str] = []
     for lineno, raw in enumerate(source, 1):
         line = raw.rstrip("\r\n")
+        if lineno == 1:
+            line = line.lstrip("\ufeff")
         if not line.strip():
             if words:
                 yield words, tags
@@ -151,7 +160,13 @@ class Vocab:
             raise ValueError(f"min_count must be >= 1; got {min_count!r}")
         counts: collections.Counter = collections.Counter()
         for sent in sentences:
-            words = sent[0] if isinstance(sent, tuple) else sent
+            # a (words, tags) pair - a list pair too, as JSON gives it - or a word list
+            pair = isinstance(sent, (tuple, list)) and len(sent) == 2 and \
+                isinstance(sent[0], (list, tuple))
+            words = sent[0] if pair else sent
+            if isinstance(words, str) or not all(isinstance(w, str) for w in words):
+                raise TypeError(f"Vocab.build: `sentences` must hold (words, tags) pairs "
+                                f"or lists of words (strings), got {sent!r:.80}")
             counts.update(w.lower() if lowercase else w for w in words)
         # Counter.most_common orders equal counts by first insertion: deterministic.
         kept = [w for w, c in counts.most_common() if c >= min_count]
@@ -175,10 +190,21 @@ class Vocab:
         return np.asarray([get(norm(w), unk) for w in words], dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> list[str]:
-        return [self.itos[int(i)] for i in ids]
+        out = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < len(self.itos):
+                raise ValueError(f"decode: id {i} is outside the vocabulary [0, "
+                                 f"{len(self.itos)})")
+            out.append(self.itos[i])
+        return out
 
     def save(self, path) -> None:
         """Write one word per line in id order (ids 0 and 1 included)."""
+        bad = [w for w in self.itos if "\n" in w or "\r" in w]
+        if bad:
+            raise ValueError(f"save: words with line breaks cannot be saved one per line: "
+                             f"{bad[:3]!r}")
         Path(path).write_text("\n".join(self.itos) + "\n", encoding="utf-8")
 
     @classmethod
@@ -222,9 +248,15 @@ def batches(sentences, vocab: Vocab, batch_size: int = 32, *, shuffle: bool = Fa
     ``max_len`` truncates longer sentences.  Each batch is padded to its longest sentence
     (at least 1 step).
     """
-    batch_size = int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    for name, value, low in (("batch_size", batch_size, 1), ("max_len", max_len, 1),
+                             ("pool_batches", pool_batches, 1)):
+        if value is None and name == "max_len":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+                value < low:
+            raise ValueError(f"batches: `{name}` must be an int >= {low}"
+                             + (" or None" if name == "max_len" else "")
+                             + f", got {value!r}")
     encoded = []
     for words, tags in sentences:
         if len(words) != len(tags):

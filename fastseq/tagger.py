@@ -134,9 +134,18 @@ def load_tagger(path):
     from .datasets import Vocab
     model = training.load(path)
     meta = model.metadata
-    if meta.get("task") != "ud-ewt-upos-tagger":
-        raise ValueError(f"{path}: not a fastseq tagger (no vocabulary in its metadata)")
-    vocab = Vocab(meta["vocab"][2:], lowercase=meta["lowercase"])
+    words = meta.get("vocab")
+    if meta.get("task") != "ud-ewt-upos-tagger" or not isinstance(words, list) or \
+            not all(isinstance(w, str) for w in words) or \
+            not isinstance(meta.get("lowercase"), bool):
+        raise ValueError(f"{path}: not a fastseq tagger (its metadata needs the task, the "
+                         f"vocabulary as a list of words and the lowercase flag)")
+    vocab = Vocab(words[2:], lowercase=meta["lowercase"])
+    V = model.layers[0].embeddings.shape[0] if hasattr(model.layers[0], "embeddings") \
+        else None
+    if V != len(vocab):
+        raise ValueError(f"{path}: the vocabulary has {len(vocab)} words but the "
+                         f"model's Embedding {V} rows")
     return model, vocab
 
 
@@ -384,7 +393,12 @@ def run(args):
     if args.threads:
         from . import set_num_threads
         set_num_threads(args.threads)
-    if args.load:
+    if args.load is not None:
+        if not args.load:
+            raise ValueError("--load: the path is empty")
+        if args.compare:
+            raise ValueError("--compare trains frameworks side by side; it cannot be used "
+                             "with --load")
         model, vocab = load_tagger(args.load)
         if args.tag is not None:
             _print_tags(tag_sentence(model, vocab, args.tag))

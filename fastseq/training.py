@@ -40,6 +40,7 @@ LSTM with nonzero ``dropout``/``recurrent_dropout`` is refused as well.
 import concurrent.futures
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -1105,6 +1106,11 @@ _FORMAT = "fastseq-model"
 
 
 def _paths(path):
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text or text.endswith(("/", os.sep)) or \
+            not Path(text).name:
+        raise ValueError(f"save/load: `path` must name a file (PATH gives PATH.npz and "
+                         f"PATH.json), got {path!r}")
     p = Path(path)
     base = p.with_suffix("") if p.suffix in (".npz", ".json") else p
     return base.with_name(base.name + ".npz"), base.with_name(base.name + ".json")
@@ -1162,63 +1168,178 @@ def save(model, path, metadata=None):
     config = {"format": _FORMAT, "version": 1, "name": model.name,
               "input_shape": list(model.input_shape), "layers": layers,
               "metadata": metadata or {}}
+    try:
+        text = json.dumps(config, indent=1)   # before anything is written
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"save: `metadata` must be JSON-serialisable ({exc})") from None
     npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez(npz, **arrays)
-    js.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    js.write_text(text, encoding="utf-8")
     return npz, js
 
 
-def _make_layer(ki, cfg, arrays):
-    def arr(attr):
-        key = cfg.get(attr)
-        return None if key is None else np.ascontiguousarray(arrays[key])
+class _BadFile(ValueError):
+    """A saved model file that does not hold what ``save`` writes."""
 
-    kind = cfg["class"]
-    common = (cfg["name"], cfg["keras_class"], np.dtype(cfg["dtype"]))
+
+def _field(cfg, key, kind, where):
+    """cfg[key], checked to be of ``kind`` (bool, str, list, dict, "number", "str?" for
+    a string or None)."""
+    if not isinstance(cfg, dict) or key not in cfg:
+        raise _BadFile(f"{where}: missing {key!r}")
+    v = cfg[key]
+    ok = {bool: isinstance(v, bool), str: isinstance(v, str), list: isinstance(v, list),
+          dict: isinstance(v, dict),
+          "number": isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str?": v is None or isinstance(v, str)}[kind]
+    if not ok:
+        raise _BadFile(f"{where}: {key!r} has the wrong type ({v!r})")
+    return v
+
+
+def _make_layer(ki, cfg, arrays, width, where):
+    """The layer record of ``cfg`` (checked against what ``save`` writes, its arrays
+    against each other and against the input ``width``, the last axis it receives;
+    None for token ids).  Returns (layer, output width)."""
+    from .ops import DENSE_ACTIVATIONS, LSTM_ACTIVATIONS
+    kind = _field(cfg, "class", str, where)
+    if kind not in ("Embedding", "Masking", "LSTM", "Bidirectional", "Dense",
+                    "Activation", "Softmax", "Identity"):
+        raise _BadFile(f"{where}: unknown layer class {kind!r}")
+    where = f"{where} ({kind} {cfg.get('name')!r})"
+    dtype = _field(cfg, "dtype", str, where)
+    if dtype not in ("float32", "float64"):
+        raise _BadFile(f"{where}: dtype must be 'float32' or 'float64', got {dtype!r}")
+    dt = np.dtype(dtype)
+    common = (_field(cfg, "name", str, where), _field(cfg, "keras_class", str, where), dt)
+
+    def arr(attr, ndim, optional=False):
+        key = cfg.get(attr) if isinstance(cfg, dict) else None
+        if key is None:
+            if optional and attr in cfg:
+                return None
+            raise _BadFile(f"{where}: missing the array {attr!r}")
+        if not isinstance(key, str) or key not in arrays:
+            raise _BadFile(f"{where}: the weights file has no array {key!r} ({attr})")
+        a = arrays[key]
+        if a.ndim != ndim or a.dtype != dt:
+            raise _BadFile(f"{where}: {attr} must be a {ndim}-D {dtype} array, got shape "
+                           f"{a.shape} dtype {a.dtype}")
+        return np.ascontiguousarray(a)
+
+    def choice(key, choices):
+        v = cfg.get(key)
+        if v not in choices:
+            raise _BadFile(f"{where}: {key} must be one of {sorted(map(str, choices))}, "
+                           f"got {v!r}")
+        return v
+
+    def need(D, what):
+        if width is not None and D != width:
+            raise _BadFile(f"{where}: {what} expects inputs of width {D}, but the layer "
+                           f"before gives {width}")
+        if width is None and kind != "Embedding":
+            raise _BadFile(f"{where}: a model on token ids must start with an Embedding")
+
     if kind == "Embedding":
-        return ki.Embedding(*common, arr("embeddings"), cfg["mask_zero"])
+        if width is not None:
+            raise _BadFile(f"{where}: an Embedding must be the first layer")
+        E = arr("embeddings", 2)
+        return ki.Embedding(*common, E, _field(cfg, "mask_zero", bool, where)), E.shape[1]
     if kind == "Masking":
-        return ki.Masking(*common, cfg["mask_value"])
+        need(width, "it")
+        return ki.Masking(*common, _field(cfg, "mask_value", "number", where)), width
     if kind == "LSTM":
-        return ki.LSTM(*common, arr("kernel"), arr("recurrent_kernel"), arr("bias"),
-                       return_sequences=cfg["return_sequences"],
-                       go_backwards=cfg["go_backwards"],
-                       zero_output_for_mask=cfg["zero_output_for_mask"],
-                       activation=cfg["activation"],
-                       recurrent_activation=cfg["recurrent_activation"])
+        W, U, b = arr("kernel", 2), arr("recurrent_kernel", 2), arr("bias", 1, True)
+        H = U.shape[0]
+        if U.shape != (H, 4 * H) or W.shape[1:] != (4 * H,) or \
+                (b is not None and b.shape != (4 * H,)):
+            raise _BadFile(f"{where}: kernel, recurrent_kernel and bias must be [D, 4H], "
+                           f"[H, 4H] and [4H]; got {W.shape}, {U.shape} and "
+                           f"{None if b is None else b.shape}")
+        need(W.shape[0], "its kernel")
+        flags = {k: _field(cfg, k, bool, where) for k in
+                 ("return_sequences", "go_backwards", "zero_output_for_mask")}
+        return ki.LSTM(*common, W, U, b, **flags,
+                       activation=choice("activation", LSTM_ACTIVATIONS),
+                       recurrent_activation=choice("recurrent_activation",
+                                                   LSTM_ACTIVATIONS)), H
     if kind == "Bidirectional":
-        return ki.Bidirectional(*common, _make_layer(ki, cfg["forward_layer"], arrays),
-                                _make_layer(ki, cfg["backward_layer"], arrays),
-                                cfg["merge_mode"])
+        fwd, hf = _make_layer(ki, _field(cfg, "forward_layer", dict, where), arrays, width,
+                              where + " forward")
+        bwd, hb = _make_layer(ki, _field(cfg, "backward_layer", dict, where), arrays,
+                              width, where + " backward")
+        if not (isinstance(fwd, ki.LSTM) and isinstance(bwd, ki.LSTM)) or hf != hb or \
+                fwd.return_sequences != bwd.return_sequences:
+            raise _BadFile(f"{where}: its two layers must be LSTMs of the same size and "
+                           f"return_sequences")
+        mode = choice("merge_mode", ("concat", "sum", "mul", "ave", None))
+        return ki.Bidirectional(*common, fwd, bwd, mode), 2 * hf if mode == "concat" else hf
     if kind == "Dense":
-        return ki.Dense(*common, arr("kernel"), arr("bias"), cfg["activation"])
+        Wd, bd = arr("kernel", 2), arr("bias", 1, True)
+        if bd is not None and bd.shape != Wd.shape[1:]:
+            raise _BadFile(f"{where}: bias must be [K] = ({Wd.shape[1]},), got {bd.shape}")
+        need(Wd.shape[0], "its kernel")
+        act = choice("activation", set(DENSE_ACTIVATIONS) | set(ki.NUMPY_ACTIVATIONS))
+        return ki.Dense(*common, Wd, bd, act), Wd.shape[1]
+    need(width, "it")
     if kind == "Activation":
-        return ki.Activation(*common, cfg["activation"])
+        return ki.Activation(*common, choice("activation", ki.NUMPY_ACTIVATIONS)), width
     if kind == "Softmax":
-        return ki.Softmax(*common, cfg["axis"])
-    if kind == "Identity":
-        return ki.Identity(*common)
-    raise ValueError(f"load: unknown layer class {kind!r}")
+        axis = cfg.get("axis")
+        if not (isinstance(axis, int) or (isinstance(axis, list) and all(
+                isinstance(a, int) for a in axis))) or isinstance(axis, bool):
+            raise _BadFile(f"{where}: axis must be an int or a list of ints, got {axis!r}")
+        return ki.Softmax(*common, axis), width
+    return ki.Identity(*common), width
 
 
 def load(path, device="auto"):
     """Load a model written by :func:`save`; its ``metadata`` dict is set as
-    ``model.metadata``."""
+    ``model.metadata``.  A file that does not hold what ``save`` writes (corrupt,
+    edited, from elsewhere) raises ValueError naming it and what is wrong."""
     from . import keras_import as ki
     npz, js = _paths(path)
     try:
         config = json.loads(js.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"load: no model config at {js}") from None
-    if config.get("format") != _FORMAT:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"load: cannot read {js} as a fastseq model config "
+                         f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
         raise ValueError(f"load: {js} is not a fastseq model file")
+    if config.get("version") != 1:
+        raise ValueError(f"load: {js} has format version {config.get('version')!r}; "
+                         f"this fastseq reads version 1")
     if not npz.is_file():
         raise FileNotFoundError(f"load: no model weights at {npz} (its config {js} "
                                 f"exists)")
-    with np.load(npz, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    layers = [_make_layer(ki, c, arrays) for c in config["layers"]]
-    model = ki.Model(layers, tuple(config["input_shape"]), device=device,
-                     name=config.get("name"))
-    model.metadata = config.get("metadata", {})
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # not a zip, truncated, a .npy, pickled objects, ...
+        raise ValueError(f"load: cannot read {npz} as the model's weights "
+                         f"({type(exc).__name__}: {exc})") from None
+    try:
+        shape = _field(config, "input_shape", list, str(js))
+        if not shape or not all(d is None or (isinstance(d, int) and d > 0)
+                                for d in shape):
+            raise _BadFile(f"{js}: input_shape must be a list of positive ints or nulls, "
+                           f"got {shape!r}")
+        metadata = config.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise _BadFile(f"{js}: metadata must be a dict, got {type(metadata).__name__}")
+        layers = []
+        # the last axis the first layer receives: token ids have none
+        width = shape[-1] if len(shape) == 3 else None
+        for i, c in enumerate(_field(config, "layers", list, str(js))):
+            layer, width = _make_layer(ki, c, arrays, width, f"{js}: layer {i}")
+            layers.append(layer)
+        if not layers:
+            raise _BadFile(f"{js}: the model has no layers")
+    except _BadFile as exc:
+        raise ValueError(f"load: {exc}") from None
+    model = ki.Model(layers, tuple(shape), device=device, name=config.get("name"))
+    model.metadata = metadata
     return model

@@ -264,3 +264,133 @@ def test_predict_from_four_threads_matches_one_thread(dtype):
         t.join(timeout=300)
     assert not errors and not any(t.is_alive() for t in threads)
     assert not bad, f"{len(bad)} of 480 calls differ from the single-thread result"
+
+
+# --- saved models, data files -------------------------------------------------------------
+def _saved(tmp_path, dtype="float32"):
+    km = _bilstm_tagger()
+    fm = fastseq.from_keras(km)
+    if dtype == "float64":
+        fm = training.load(training.save(fm, tmp_path / "m32")[0])   # round trip first
+    npz, js = training.save(fm, tmp_path / "m", metadata={"note": "x"})
+    return fm, npz, js
+
+
+def _edit(js, change):
+    import json
+    cfg = json.loads(js.read_text())
+    change(cfg)
+    js.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["layers"][0].update(dtype="int32"), "dtype must be 'float32' or"),
+    (lambda c: c["layers"][1]["forward_layer"].update(go_backwards="false"),
+     "'go_backwards' has the wrong type"),
+    (lambda c: c["layers"][1].update(merge_mode="max"), "merge_mode must be one of"),
+    (lambda c: c["layers"][2].update(bias=c["layers"][2]["kernel"]),
+     "bias must be a 1-D float32 array"),
+    (lambda c: c["layers"][1]["forward_layer"].update(kernel="nope"),
+     "has no array 'nope'"),
+    (lambda c: c["layers"][1].update(merge_mode="sum"),
+     "expects inputs of width 10, but the layer before gives 5"),
+    (lambda c: c["layers"][2].update(activation="relu6x"), "activation must be one of"),
+    (lambda c: c["layers"][0].update({"class": "Conv1D"}), "unknown layer class 'Conv1D'"),
+    (lambda c: c.update(version=99), "format version 99"),
+    (lambda c: c.pop("input_shape"), "missing 'input_shape'"),
+    (lambda c: c.update(metadata=[1]), "metadata must be a dict"),
+])
+def test_load_rejects_edited_configs(tmp_path, change, message):
+    """Each edit once loaded silently (and predicted wrongly) or failed later with a
+    KeyError, AttributeError or a Numba typing error."""
+    _, npz, js = _saved(tmp_path)
+    _edit(js, change)
+    with pytest.raises(ValueError, match=message):
+        training.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04trunc", "npy"])
+def test_load_rejects_unreadable_weights_and_configs(tmp_path, content):
+    _, npz, js = _saved(tmp_path)
+    if content == "npy":
+        np.save(tmp_path / "a.npy", np.zeros(3))
+        npz.write_bytes((tmp_path / "a.npy").read_bytes())
+    else:
+        npz.write_bytes(content)
+    with pytest.raises(ValueError, match=r"cannot read .*m\.npz as the model's weights"):
+        training.load(tmp_path / "m")
+    js.write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot read .*m\.json"):
+        training.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_save_load_round_trip_still_exact(tmp_path, dtype):
+    fm, _, _ = _saved(tmp_path, dtype)
+    ids = _ids(np.random.default_rng(5))
+    back = training.load(tmp_path / "m")
+    assert back.metadata == {"note": "x"}
+    assert np.array_equal(back.predict(ids), fm.predict(ids))
+
+
+def test_save_writes_nothing_when_metadata_is_not_json(tmp_path):
+    fm = fastseq.from_keras(_bilstm_tagger())
+    with pytest.raises(TypeError, match="metadata"):
+        training.save(fm, tmp_path / "m", metadata={"x": np.float32(1)})
+    assert not list(tmp_path.iterdir())
+    for bad in ("", ".", str(tmp_path) + "/"):
+        with pytest.raises(ValueError, match="`path` must name a file"):
+            training.save(fm, bad)
+
+
+def test_conllu_reader_skips_a_byte_order_mark(tmp_path):
+    from fastseq import datasets
+    line = "\t".join(["1", "Dogs", "dog", "NOUN", "_", "_", "0", "root", "_", "_"])
+    p = tmp_path / "bom.conllu"
+    p.write_bytes(b"\xef\xbb\xbf" + (line + "\n\n").encode())
+    assert list(datasets.read_conllu(p)) == [(["Dogs"], ["NOUN"])]
+    p.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="cannot read it as UTF-8 CoNLL-U"):
+        list(datasets.read_conllu(p))
+
+
+def test_dataset_helpers_check_their_arguments(tmp_path):
+    from fastseq import datasets
+    sents = [(["a", "b", "c"], ["NOUN", "VERB", "NOUN"]), (["d"], ["DET"])]
+    vocab = datasets.Vocab.build([[w, t] for w, t in sents])   # list pairs, as from JSON
+    assert len(vocab) == 6
+    for kw in ({"max_len": -1}, {"max_len": 0}, {"max_len": 1.5}, {"batch_size": True},
+               {"batch_size": 2.7}, {"batch_size": "3"}):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=f"`{name}` must be an int"):
+            list(datasets.batches(sents, vocab, **kw))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        vocab.decode([-1])
+    with pytest.raises(ValueError, match="line breaks"):
+        datasets.Vocab(["a\nb"]).save(tmp_path / "v.txt")
+
+
+def test_train_tagger_load_checks(tmp_path, capsys, monkeypatch):
+    from fastseq import tagger
+    monkeypatch.chdir(tmp_path)     # an empty --load once started training here
+    assert tagger.main_train_tagger(["--load", "", "--tag", "dog", "--epochs", "1",
+                                     "--max-sentences", "5", "--no-save"]) == 2
+    assert "--load: the path is empty" in capsys.readouterr().err
+    vocab_words = [f"w{i}" for i in range(30)]
+    from fastseq import datasets
+    vocab = datasets.Vocab(vocab_words)
+    model = tagger.build_model(len(vocab) + 5, 4, 3)      # Embedding larger than vocab
+    tagger.save_tagger(model, vocab, tmp_path / "t")
+    with pytest.raises(ValueError, match="the vocabulary has 32 words but the model's "
+                                         "Embedding 37 rows"):
+        tagger.load_tagger(tmp_path / "t")
+
+
+def test_validate_refuses_an_npz_input(tmp_path, capsys):
+    km = keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(4)])
+    km.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "x.npz", a=np.zeros((2, 5, 3)))
+    code = cli.main(["validate", str(tmp_path / "m.keras"), "--input",
+                     str(tmp_path / "x.npz")])
+    assert code == 2
+    assert "expected one array saved with numpy.save" in capsys.readouterr().out
