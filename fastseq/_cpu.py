@@ -157,13 +157,19 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
                 worker.seq += 1
                 seq = worker.seq
                 kw.post_split_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS, *args)
+                ran = -1
                 try:
-                    _run_part(0, sync, config.SPLIT_CLAIM_TICKS, *args)
+                    ran = _run_part(0, sync, config.SPLIT_CLAIM_TICKS, *args)
                 finally:
                     taken = kw.finish_job(worker.mb, seq)
-                    if taken:
-                        # the worker may still be returning from its part: keep what
-                        # it can touch alive until it is done (never wait for it)
+                    if taken and ran == 0:
+                        # this part came too late: the worker's part runs the whole
+                        # job alone, so its outputs are complete only when it is done
+                        kw.wait_done(worker.mb, seq)
+                    elif taken:
+                        # both parts ran (or this one alone): the outputs are written;
+                        # the worker may still be returning from its part, so keep
+                        # what it can touch alive until it is done (never wait for it)
                         worker.hold(seq, (sync, scratch) + args)
             else:
                 # the worker dozes (or is still busy): wake it for the calls to come,

@@ -113,6 +113,53 @@ def test_driver_takes_split_path(rng, assert_close, counted, monkeypatch, dtype,
 
 
 @needs_two_threads
+def test_caller_waits_when_the_worker_runs_the_job_alone(rng, assert_close, monkeypatch):
+    """The caller's part comes late (here: 2 ms late), so the worker's part claims
+    the whole job and runs it alone; the caller's part returns 0 at once.  The call
+    must then wait for the worker before it returns: it once returned the outputs
+    half-written (wrong predict results with calls from several threads)."""
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    monkeypatch.setattr(config, "SPLIT_UNITS_MIN_STEP_MACS", 0)
+    monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)
+    monkeypatch.setattr(config, "SPLIT_CLAIM_TICKS", 1000)      # a short wait
+    B, T, D, H, K = 1, 20000, 8, 64, 5      # the worker is still busy when the caller returns
+    x, W, U, b, Wd, bd = _data(rng, B, T, D, H, K, np.float32)
+    x *= 0.2
+    lstm_dense(x[:, :5], W, U, b, Wd, bd, "softmax")            # load, start the worker
+    _spinning_worker(np.float32)
+    ran = []
+    real = _cpu._run_part
+
+    def late(*args):
+        time.sleep(0.002)
+        r = real(*args)
+        ran.append(int(r))
+        return r
+
+    monkeypatch.setattr(_cpu, "_run_part", late)
+    y = lstm_dense(x, W, U, b, Wd, bd, "softmax").copy()   # as the call returned it
+    assert ran == [0], "the worker did not run the job alone"
+    # the same job run alone by this thread's part, with the worker dozing (the same
+    # kernel in the same mode, so the same bits; 20000 float32 steps drift too far from
+    # a float64 reference to compare with it)
+    w = _threads.worker(np.float32)
+    w.rest()
+    deadline = time.monotonic() + 60
+    while w.spinning():
+        assert time.monotonic() < deadline, "the worker kept spinning"
+        time.sleep(0.001)
+    ran.clear()
+    monkeypatch.setattr(_cpu, "_run_part", lambda *a: ran.append(int(real(*a))) or ran[-1])
+    want = lstm_dense(x, W, U, b, Wd, bd, "softmax")
+    assert ran == [1], "this thread's part did not run the job alone"
+    assert np.array_equal(y, want), (
+        f"{int((y != want).sum())} of {y.size} outputs differ from the same job run by "
+        f"this thread alone")
+    assert_close(y[:, :50], ref_dense(ref_lstm(x[:, :50], W, U, b, return_sequences=True),
+                                      Wd, bd, "softmax"), *config.tolerance(np.float32))
+
+
+@needs_two_threads
 def test_split_not_taken(rng, counted, monkeypatch):
     """One thread, a large batch, go_backwards, or a tiny H: the split is not used."""
     x, W, U, b, Wd, bd = _data(rng, 1, 50, 64, 128, 5, np.float32)   # C1's sizes

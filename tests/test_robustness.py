@@ -394,3 +394,48 @@ def test_validate_refuses_an_npz_input(tmp_path, capsys):
                      str(tmp_path / "x.npz")])
     assert code == 2
     assert "expected one array saved with numpy.save" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(_threads.get_num_threads() < 2,
+                    reason="the unit split runs only when two threads are allowed")
+def test_small_batch_calls_from_four_threads_match_one_thread():
+    """B = 1-4 runs split by hidden units, part 1 on the worker.  From four threads at
+    once, every call must equal its result alone: a caller once returned while the
+    worker was still running the whole job alone (its outputs half-written)."""
+    import threading
+    from fastseq import ops
+    rng = np.random.default_rng(0)
+    cases = []
+    for B, T, D, H in [(1, 50, 64, 128), (3, 40, 32, 128), (2, 30, 16, 64)]:
+        x = rng.standard_normal((B, T, D)).astype(np.float32)
+        W = (rng.standard_normal((D, 4 * H)) * 0.1).astype(np.float32)
+        U = (rng.standard_normal((H, 4 * H)) * 0.1).astype(np.float32)
+        Wd = (rng.standard_normal((H, 10)) * 0.1).astype(np.float32)
+        m = np.ones((B, T), bool)
+        m[0, -3:] = False
+        cases.append((x, W, U, np.zeros(4 * H, np.float32), Wd, np.zeros(10, np.float32),
+                      m))
+
+    def run(c, k):
+        x, W, U, b, Wd, bd, m = c
+        if k == 0:
+            return ops.lstm_dense(x, W, U, b, Wd, bd, "softmax", mask=m)
+        return fastseq.lstm(x, W, U, b, return_sequences=k == 1, mask=m)
+    want = {(i, k): run(c, k) for i, c in enumerate(cases) for k in range(3)}
+    bad, errors = [], []
+
+    def work(t):
+        try:
+            for it in range(300):
+                i, k = (t + it) % len(cases), (7 * t + it) % 3
+                if not np.array_equal(run(cases[i], k), want[(i, k)]):
+                    bad.append((t, it, i, k))
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert not bad, f"{len(bad)} of 1200 calls differ from their result alone: {bad[:4]}"
