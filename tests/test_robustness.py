@@ -1,5 +1,7 @@
 """Regressions from a pass of hostile inputs over the public API: each case below once
 gave a wrong answer, a stale answer or an unhelpful error."""
+import threading
+
 import keras
 import numpy as np
 import pytest
@@ -229,6 +231,30 @@ def test_from_keras_messages_name_the_real_problem():
         fastseq.from_keras(keras.Model(inp, h))
 
 
+def _from_four_threads(calls, want, rounds):
+    """Call ``calls[key]()`` from four threads at once, ``rounds`` times in each thread,
+    cycling through the keys; returns (thread, round, key) for every result that
+    differs from ``want[key]`` (its result alone)."""
+    keys = list(calls)
+    bad, errors = [], []
+
+    def work(t):
+        try:
+            for it in range(rounds):
+                key = keys[(7 * t + it) % len(keys)]
+                if not np.array_equal(calls[key](), want[key]):
+                    bad.append((t, it, key))
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in threads), errors[:3]
+    return bad
+
+
 @pytest.mark.skipif(_threads.get_num_threads() < 2,
                     reason="the worker thread is used only when two threads are allowed")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -237,7 +263,6 @@ def test_predict_from_four_threads_matches_one_thread(dtype):
     single-thread result.  Before the worker's claim was fixed
     (``worker_cpu.take_job``), such runs crashed (heap corruption) or returned wrong
     outputs in about half the tries."""
-    import threading
     from fastseq import tagger
     model = tagger.build_model(300, 16, 24, seed=1, dtype=np.dtype(dtype).type)
     rng = np.random.default_rng(0)
@@ -245,33 +270,18 @@ def test_predict_from_four_threads_matches_one_thread(dtype):
           [(1, 40), (3, 25), (32, 30), (8, 60), (1, 3), (64, 12)]]
     for x in xs:
         x[0, -2:] = 0
-    want = [model.predict(x) for x in xs]
-    bad, errors = [], []
-
-    def work(k):
-        try:
-            for it in range(120):
-                i = (k + it) % len(xs)
-                got = model.predict(xs[i], batch_size=None if it % 3 else 2)
-                if not np.array_equal(got, want[i]):
-                    bad.append((k, it, i))
-        except Exception as exc:  # reported below
-            errors.append(repr(exc))
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors and not any(t.is_alive() for t in threads)
-    assert not bad, f"{len(bad)} of 480 calls differ from the single-thread result"
+    calls = {(i, bs): (lambda x=x, bs=bs: model.predict(x, batch_size=bs))
+             for i, x in enumerate(xs) for bs in (None, 2)}
+    want = {key: call() for key, call in calls.items()}
+    bad = _from_four_threads(calls, want, rounds=120)
+    assert not bad, f"{len(bad)} of 480 calls differ from their result alone: {bad[:4]}"
 
 
 # --- saved models, data files -------------------------------------------------------------
 def _saved(tmp_path, dtype="float32"):
-    km = _bilstm_tagger()
-    fm = fastseq.from_keras(km)
-    if dtype == "float64":
-        fm = training.load(training.save(fm, tmp_path / "m32")[0])   # round trip first
+    """A saved Embedding(20, 6) -> Bidirectional(LSTM(5)) -> Dense(4) tagger."""
+    from fastseq import tagger
+    fm = tagger.build_model(20, 6, 5, K=4, seed=3, dtype=np.dtype(dtype).type)
     npz, js = training.save(fm, tmp_path / "m", metadata={"note": "x"})
     return fm, npz, js
 
@@ -330,6 +340,7 @@ def test_save_load_round_trip_still_exact(tmp_path, dtype):
     ids = _ids(np.random.default_rng(5))
     back = training.load(tmp_path / "m")
     assert back.metadata == {"note": "x"}
+    assert all(w.dtype == np.dtype(dtype) for w in back.get_weights())
     assert np.array_equal(back.predict(ids), fm.predict(ids))
 
 
@@ -402,7 +413,6 @@ def test_small_batch_calls_from_four_threads_match_one_thread():
     """B = 1-4 runs split by hidden units, part 1 on the worker.  From four threads at
     once, every call must equal its result alone: a caller once returned while the
     worker was still running the whole job alone (its outputs half-written)."""
-    import threading
     from fastseq import ops
     rng = np.random.default_rng(0)
     cases = []
@@ -421,21 +431,8 @@ def test_small_batch_calls_from_four_threads_match_one_thread():
         if k == 0:
             return ops.lstm_dense(x, W, U, b, Wd, bd, "softmax", mask=m)
         return fastseq.lstm(x, W, U, b, return_sequences=k == 1, mask=m)
-    want = {(i, k): run(c, k) for i, c in enumerate(cases) for k in range(3)}
-    bad, errors = [], []
-
-    def work(t):
-        try:
-            for it in range(300):
-                i, k = (t + it) % len(cases), (7 * t + it) % 3
-                if not np.array_equal(run(cases[i], k), want[(i, k)]):
-                    bad.append((t, it, i, k))
-        except Exception as exc:  # reported below
-            errors.append(repr(exc))
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors and not any(t.is_alive() for t in threads)
+    calls = {(i, k): (lambda c=c, k=k: run(c, k)) for i, c in enumerate(cases)
+             for k in range(3)}
+    want = {key: call() for key, call in calls.items()}
+    bad = _from_four_threads(calls, want, rounds=300)
     assert not bad, f"{len(bad)} of 1200 calls differ from their result alone: {bad[:4]}"
