@@ -682,6 +682,7 @@ def from_keras(keras_model, device="auto"):
               for i, layer in enumerate(calls)]
     model = Model(layers, input_shape, device=device, name=keras_model.name)
     model._keras_compile = _compile_settings(keras_model)
+    model._keras_floatx = keras.config.floatx()    # the dtype Keras's losses compute in
     return model
 
 

@@ -452,7 +452,13 @@ class _Plan:
                              f"must be a Dense or TimeDistributed(Dense) layer with a "
                              f"softmax (sparse categorical cross-entropy)")
         if last.activation == "softmax" and not from_logits:
-            mode = _xk.XENT_LOGITS if last.keras_class == "Dense" else _xk.XENT_PROBS
+            # Keras's loss gets the softmax's logits from a plain Dense, unless the
+            # output is cast to the loss's dtype (Keras's floatx) first: a float64 Dense
+            # under float32 floatx loses them, and the loss takes the probabilities
+            loss_dtype = _loss_dtype(model)
+            cast = loss_dtype is not None and np.dtype(loss_dtype) != last.dtype
+            mode = _xk.XENT_LOGITS if last.keras_class == "Dense" and not cast \
+                else _xk.XENT_PROBS
         elif last.activation == "linear" and from_logits:
             mode = _xk.XENT_LOGITS
         else:
@@ -534,7 +540,11 @@ def _prepare(plan, x, y, sample_weight, fn):
         mask = None
     w = np.ones(want, dt)
     if sample_weight is not None:
-        sw = np.asarray(sample_weight, dtype=dt)
+        sw = np.asarray(sample_weight)
+        if sw.dtype.kind not in "biuf":
+            raise TypeError(f"{fn}: `sample_weight` must hold real numbers, got dtype "
+                            f"{sw.dtype}")
+        sw = sw.astype(dt, copy=False)
         if sw.shape == (B,) and plan.seq_output:
             sw = np.broadcast_to(sw[:, None], want)
         if sw.shape != want:
@@ -691,6 +701,14 @@ def _state(model):
     return getattr(model, "_fastseq_training", None)
 
 
+def _loss_dtype(model):
+    """The dtype Keras would compute this model's loss in: the compiled Keras loss
+    object's, else Keras's floatx when the model was imported (a loss given by name
+    computes in floatx); None for a model that never met Keras (no cast)."""
+    st = _state(model)
+    return (st or {}).get("loss_dtype") or getattr(model, "_keras_floatx", None)
+
+
 def _from_logits(model, from_logits):
     if from_logits is not None:
         return bool(from_logits)
@@ -837,8 +855,16 @@ def compile(model, optimizer="adam", loss="sparse_categorical_crossentropy",
         raise ValueError(f"compile: `loss` must be 'sparse_categorical_crossentropy', got "
                          f"{loss!r}")
     opt = _optimizers.get(optimizer)
-    _Plan(model, bool(from_logits), "compile")  # check the model now
-    model._fastseq_training = {"optimizer": opt, "from_logits": bool(from_logits)}
+    loss_dtype = getattr(loss, "dtype", None) if not isinstance(loss, str) else None
+    old = _state(model)
+    model._fastseq_training = {"optimizer": opt, "from_logits": bool(from_logits),
+                               "loss_dtype": None if loss_dtype is None else
+                               str(np.dtype(loss_dtype))}
+    try:
+        _Plan(model, bool(from_logits), "compile")  # check the model now
+    except Exception:
+        model._fastseq_training = old   # a failed compile changes nothing
+        raise
     return model
 
 
@@ -899,6 +925,8 @@ def _batches(x, y, sample_weight, batch_size, shuffle, rng, fn):
             raise TypeError(f"{fn}: with y=None, `x` must be a sequence of (x, y) or "
                             f"(x, y, sample_weight) batches, got {type(x).__name__}") \
                 from None
+        if not items:
+            raise ValueError(f"{fn}: `x` holds no batches")
         order = rng.permutation(len(items)) if shuffle else range(len(items))
         for i in order:
             b = items[i]
@@ -915,6 +943,8 @@ def _batches(x, y, sample_weight, batch_size, shuffle, rng, fn):
                          f"shapes {x.shape} and {y.shape}")
     if len(x) != len(y):
         raise ValueError(f"{fn}: `x` and `y` have {len(x)} and {len(y)} samples")
+    if len(x) == 0:
+        raise ValueError(f"{fn}: `x` must not be empty, got shape {x.shape}")
     sw = None
     if sample_weight is not None:
         sw = np.asarray(sample_weight)
@@ -932,7 +962,8 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None,
         sample_weight=None, shuffle=True, verbose=1, seed=None, callback=None):
     """Train like ``keras_model.fit``; returns the history dict {"loss": [...],
     "accuracy": [...], "val_loss": [...], "val_accuracy": [...], "epoch_time": [...]}
-    (val_* with ``validation_data`` = (x, y) or (x, y, sample_weight)).
+    (val_* with ``validation_data`` = (x, y), (x, y, sample_weight), a list of such
+    batch tuples, or a 1-tuple holding a sequence of them).
 
     x, y: arrays (padded batches; trailing all-padding steps of each batch are skipped)
     or, with ``y=None``, ``x`` a sequence of (x, y[, sample_weight]) batches (e.g.
@@ -943,10 +974,20 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None,
     st = _compiled(model, "fit")
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"fit: `epochs` must be a non-negative int, got {epochs!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"fit: `callback` must be a function callback(epoch, logs), got "
+                        f"{type(callback).__name__}")
+    if y is None and sample_weight is not None:
+        raise ValueError("fit: `sample_weight` cannot be used with y=None (x a sequence "
+                         "of batches); give each batch as (x, y, sample_weight)")
+    validation = _validation_args(validation_data)
     plan = _Plan(model, st["from_logits"], "fit")
     opt = st["optimizer"]
     weights = plan.weights()
-    rng = np.random.default_rng(seed)
+    try:
+        rng = np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise TypeError(f"fit: `seed` must be an int or None, got {seed!r}") from None
     history = {"loss": [], "accuracy": [], "epoch_time": []}
     if y is None:
         try:
@@ -982,10 +1023,8 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None,
         history["loss"].append(logs["loss"])
         history["accuracy"].append(logs["accuracy"])
         history["epoch_time"].append(time.perf_counter() - t0)
-        if validation_data is not None:
-            vd = tuple(validation_data)
-            val = evaluate(model, vd[0], vd[1] if len(vd) > 1 else None,
-                           vd[2] if len(vd) > 2 else None, batch_size,
+        if validation is not None:
+            val = evaluate(model, *validation, batch_size,
                            from_logits=st["from_logits"])
             logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             history.setdefault("val_loss", []).append(val["loss"])
@@ -999,6 +1038,25 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None,
         if callback is not None:
             callback(epoch, dict(logs))
     return history
+
+
+def _validation_args(validation_data):
+    """(x, y, sample_weight) for ``evaluate`` from fit's ``validation_data``: a tuple
+    (x, y) or (x, y, sample_weight), or batches - a list of such tuples, or a 1-tuple
+    holding a sequence of them (then y is None)."""
+    vd = validation_data
+    if vd is None:
+        return None
+    if isinstance(vd, list) and vd and all(isinstance(b, tuple) and len(b) in (2, 3)
+                                           for b in vd):
+        return vd, None, None
+    if isinstance(vd, tuple) and len(vd) == 1:
+        return vd[0], None, None
+    if isinstance(vd, (tuple, list)) and len(vd) in (2, 3):
+        return vd[0], vd[1], (vd[2] if len(vd) == 3 else None)
+    raise ValueError(f"fit: `validation_data` must be (x, y), (x, y, sample_weight) or "
+                     f"batches of them, got {type(vd).__name__}"
+                     + (f" of length {len(vd)}" if isinstance(vd, (tuple, list)) else ""))
 
 
 def _progress(total, desc, verbose):

@@ -159,7 +159,11 @@ def test_time_distributed_probabilities_are_clipped_as_keras_does():
         py = np.take_along_axis(p, y[..., None], -1)[..., 0][x != 0]
         assert np.sum(py < 1e-7) >= 3  # some labels are clipped
         want_loss, want = _tape(model, x, y, None, dtype)
-        loss, got = training.loss_and_gradients(fastseq.from_keras(model), x, y)
+        fm = fastseq.from_keras(model)
+        # the tape's loss computes in float64 (under float32 floatx a loss by name would
+        # cast the output to float32, and the plain Dense's logits would be lost too)
+        training.compile(fm, loss=keras.losses.SparseCategoricalCrossentropy(dtype=dtype))
+        loss, got = training.loss_and_gradients(fm, x, y)
         assert abs(loss - want_loss) <= 1e-9 * want_loss
         _check_grads(got, want, 1e-9, [v.path for v in model.trainable_weights])
 
