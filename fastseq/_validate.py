@@ -123,5 +123,6 @@ def writable_path(text):
     import os
     folder = os.path.dirname(os.path.abspath(text)) or "."
     if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"the folder {folder!r} of {text!r} does not exist")
+        raise argparse.ArgumentTypeError(f"the folder {folder!r} of {text!r} does not "
+                                         f"exist")
     return text

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--c4-model", default=None, metavar="PATH.keras",
                    help="a trained C4 tagger (Embedding over datasets.default_vocab() -> "
                         "Bidirectional(LSTM) -> Dense(17, softmax)) instead of random weights")
-    b.add_argument("--json", type=writable_path, default=None, metavar="PATH", help="write the full report as JSON")
+    b.add_argument("--json", type=writable_path, default=None, metavar="PATH",
+                   help="write the full report as JSON")
     b.add_argument("--plot", type=writable_path, default=None, metavar="PATH",
                    help="write a PNG bar chart of time relative to fastseq")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -741,9 +741,9 @@ def _chain(keras, model):
         raise ValueError(f"from_keras: model {model.name!r} has {len(inputs)} inputs; "
                          f"only single-input chains are supported")
     hist = [t._keras_history for t in outputs]
-    if len(hist) > 1 and any((h.operation, h.node_index, h.tensor_index) != (hist[0].operation,
-                                                           hist[0].node_index, i)
-           for i, h in enumerate(hist)):
+    first = (hist[0].operation, hist[0].node_index)
+    if len(hist) > 1 and any((h.operation, h.node_index, h.tensor_index) != first + (i,)
+                             for i, h in enumerate(hist)):
         names = ", ".join(sorted({_describe(h.operation) for h in hist}))
         raise ValueError(f"from_keras: model {model.name!r} has {len(outputs)} outputs "
                          f"({names}); only a single chain of layers is supported")

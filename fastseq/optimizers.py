@@ -502,8 +502,8 @@ def get(identifier):
             raise ValueError(f"optimizers.get: unknown optimizer class "
                              f"{identifier['class_name']!r}; supported: {sorted(_CLASSES)}")
         return cls.from_config(dict(identifier.get("config", {})))
-    raise TypeError(f"optimizers.get: expected an optimizer name, config dict, "
-                    f"fastseq Optimizer or Keras optimizer, got {type(identifier).__name__}")
+    raise TypeError(f"optimizers.get: expected an optimizer name, config dict, fastseq "
+                    f"Optimizer or Keras optimizer, got {type(identifier).__name__}")
 
 
 def _is_keras_optimizer(obj):

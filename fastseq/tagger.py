@@ -297,14 +297,17 @@ def build_parser(parser=None):
         prog="fastseq train-tagger",
         description="Train the UD English EWT UPOS tagger (Embedding -> BiLSTM -> Dense "
                     "softmax) with fastseq; report dev/test accuracy and time per epoch.")
-    p.add_argument("--epochs", type=positive_int, default=5, help="training epochs (default 5)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default 32)")
+    p.add_argument("--epochs", type=positive_int, default=5,
+                   help="training epochs (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="batch size (default 32)")
     p.add_argument("--max-sentences", type=positive_int, default=None,
                    help="train on the first N sentences of EWT train (quick runs); dev and "
                         "test are cut to N as well")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--embedding-dim", type=positive_int, default=E_DEFAULT)
-    p.add_argument("--units", type=positive_int, default=H_DEFAULT, help="LSTM units per direction")
+    p.add_argument("--units", type=positive_int, default=H_DEFAULT,
+                   help="LSTM units per direction")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights and the batch shuffling")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -319,7 +322,8 @@ def build_parser(parser=None):
                    help="load a saved tagger instead of training")
     p.add_argument("--tag", default=None, metavar="SENTENCE",
                    help="tag a whitespace-tokenised sentence with the trained/loaded model")
-    p.add_argument("--json", type=writable_path, default=None, metavar="PATH", help="write the results as JSON")
+    p.add_argument("--json", type=writable_path, default=None, metavar="PATH",
+                   help="write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     # internal: train one compared framework in a child process, results to --json
     p.add_argument("--worker", default=None, choices=("keras", "torch"),

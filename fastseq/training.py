@@ -1332,7 +1332,8 @@ def _make_layer(ki, cfg, arrays, width, where):
             raise _BadFile(f"{where}: its two layers must be LSTMs of the same size and "
                            f"return_sequences")
         mode = choice("merge_mode", ("concat", "sum", "mul", "ave", None))
-        return ki.Bidirectional(*common, fwd, bwd, mode), 2 * hf if mode == "concat" else hf
+        width = 2 * hf if mode == "concat" else hf
+        return ki.Bidirectional(*common, fwd, bwd, mode), width
     if kind == "Dense":
         Wd, bd = arr("kernel", 2), arr("bias", 1, True)
         if bd is not None and bd.shape != Wd.shape[1:]:
