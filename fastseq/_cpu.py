@@ -156,21 +156,22 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
             if worker.spinning() and not worker.busy():
                 worker.seq += 1
                 seq = worker.seq
-                kw.post_split_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS, *args)
+                # kept alive until the worker is done with the job, whatever happens
+                # here (held before the job exists, so no interrupt can come between)
+                worker.hold(seq, (sync, scratch) + args)
                 ran = -1
                 try:
+                    kw.post_split_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS,
+                                      *args)
                     ran = _run_part(0, sync, config.SPLIT_CLAIM_TICKS, *args)
                 finally:
-                    taken = kw.finish_job(worker.mb, seq)
-                    if taken and ran == 0:
-                        # this part came too late: the worker's part runs the whole
-                        # job alone, so its outputs are complete only when it is done
-                        kw.wait_done(worker.mb, seq)
-                    elif taken:
-                        # both parts ran (or this one alone): the outputs are written;
-                        # the worker may still be returning from its part, so keep
-                        # what it can touch alive until it is done (never wait for it)
-                        worker.hold(seq, (sync, scratch) + args)
+                    # cancel the job if the worker has not taken it; if it has, wait
+                    # for it unless both parts ran or this one ran alone (then the
+                    # outputs are written and the worker is only returning from its
+                    # part): when this part came too late (0) the worker runs the job
+                    # alone, and on an exception (-1) its outputs must not be freed
+                    kw.settle_job(worker.mb, seq, ran not in (1, 2))
+                    worker.release_done()
             else:
                 # the worker dozes (or is still busy): wake it for the calls to come,
                 # run this one alone
@@ -244,13 +245,15 @@ def _run_table_jobs(jobs, dt):
             worker.wake()
         worker.seq += 1
         seq = worker.seq
-        kw.post_table_job(worker.mb, seq, *jobs[1])
+        worker.hold(seq, jobs[1])       # alive until the worker is done with it
+        taken = False
         try:
+            kw.post_table_job(worker.mb, seq, *jobs[1])
             kt(*jobs[0])
         finally:
-            taken = kw.finish_job(worker.mb, seq)
-            if taken:
-                kw.wait_done(worker.mb, seq)
+            # cancel the job, or wait until the worker has run it (one Numba call)
+            taken = kw.settle_job(worker.mb, seq, True)
+            worker.release_done()
         if not taken:
             kt(*jobs[1])
     finally:

@@ -20,6 +20,19 @@ _lock = threading.Lock()
 _local = threading.local()   # .single: this thread runs fastseq calls on itself only
 
 
+def _after_fork_in_child():
+    """A forked child has none of the parent's threads: forget the pool (a job sent to
+    it would wait for ever) and the workers (``worker`` starts new ones), and renew
+    the lock, which another thread may have held at the fork."""
+    global _lock
+    _lock = threading.Lock()
+    _state["pool"] = None
+    _workers.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def set_num_threads(n):
     """Use ``n`` threads in the CPU kernels (and in Numba's own parallel code).
 

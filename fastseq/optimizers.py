@@ -20,6 +20,7 @@ second moment: Keras on TensorFlow squares IndexedSlices row by row, so ``v`` re
 the sum of the squared rows of each index (not the square of their sum).
 """
 import numbers
+import os
 
 import numpy as np
 from numba import njit
@@ -188,6 +189,15 @@ def _adam_rows_kernel(w, m, v, vhat, slot, gsum, g2sum, zeros, lo, hi, c1, c2, a
 
 
 _POOL = None
+
+
+def _forget_pool():
+    """In a forked child: the parent's pool threads do not exist there."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _parallel(fn, n_items, min_items=65536):
@@ -405,10 +415,13 @@ class Adam(Optimizer):
             gsum = np.empty((len(ids), E), v.dtype)
             g2sum = np.empty((len(ids), E), v.dtype)
             slot = s["slot"]
-            _sum_rows(ids, np.ascontiguousarray(g.values, dtype=v.dtype), slot, gsum, g2sum)
+            rows = np.ascontiguousarray(g.values, dtype=v.dtype)
             vh = s["vhat"] if self.amsgrad else np.zeros((1, E), v.dtype)
             zeros = np.zeros(E, v.dtype)
             try:
+                # inside the try: an interrupt as _sum_rows returns must not leave
+                # slot entries behind (the next step would read stale gsum rows)
+                _sum_rows(ids, rows, slot, gsum, g2sum)
                 _parallel(lambda lo, hi: _adam_rows_kernel(
                     v, s["m"], s["v"], vh, slot, gsum, g2sum, zeros, lo, hi,
                     dt(1 - self.beta_1), dt(1 - self.beta_2), dt(alpha), dt(self.epsilon),

@@ -606,6 +606,17 @@ _POOL_LOCK = threading.Lock()
 _BLAS = None
 
 
+def _forget_pools():
+    """In a forked child: the parent's pool threads do not exist there (a job sent to
+    them would wait for ever), and the lock may have been held at the fork."""
+    global _POOL_LOCK
+    _POOLS.clear()
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
 def _executor(kind, n):
     """A shared thread pool with at least ``n`` workers ("groups" for row groups,
     "directions" for the second direction of Bidirectional layers)."""

@@ -269,23 +269,23 @@ def test_worker_serves_posted_jobs(rng, assert_close, monkeypatch, dtype):
             w.seq += 1
             _post(w.mb, w.seq, st, 10 ** 9)
             assert _part(0, st, 10 ** 9) == 2
-            assert worker_cpu.finish_job(w.mb, w.seq)      # taken
-            deadline = time.monotonic() + 10
-            while w.mb[worker_cpu.MB_DONE] < w.seq:
-                assert time.monotonic() < deadline, "the worker never finished its part"
-                time.sleep(0.0001)
+            assert worker_cpu.settle_job(w.mb, w.seq, True)      # taken, now done
+            assert w.mb[worker_cpu.MB_DONE] == w.seq
             assert_close(st["out"], want, atol, rtol, what="posted job")
 
 
 def test_unserved_job_is_cancelled(rng, assert_close):
-    """A job posted to a mailbox nobody serves: part 0 runs it alone, and finish_job
-    cancels it, so no thread can pick it up later."""
+    """A job posted to a mailbox nobody serves: part 0 runs it alone, and settle_job
+    cancels it, so no thread can pick it up later; a job never posted is left alone."""
     mb = np.zeros(worker_cpu.MB_SIZE, np.int64)
     st, want = _job(rng)
     _post(mb, 1, st, 1000)
     assert _part(0, st, 1000) == 1
-    assert not worker_cpu.finish_job(mb, 1)
+    assert not worker_cpu.settle_job(mb, 1, True)
     # cancelled, and counted as done, so the next job can be posted
+    assert mb[worker_cpu.MB_TAKEN] == 1 and mb[worker_cpu.MB_DONE] == 1
+    # job 2 was never posted (an interrupt before its post): nothing changes
+    assert not worker_cpu.settle_job(mb, 2, True)
     assert mb[worker_cpu.MB_TAKEN] == 1 and mb[worker_cpu.MB_DONE] == 1
     atol, rtol = config.tolerance(np.float32)
     assert_close(st["out"], want, atol, rtol, what="cancelled job run alone")
@@ -302,7 +302,7 @@ def test_worker_never_takes_a_cancelled_job():
         mb[slot] = s - 1
     job = int(mb[worker_cpu.MB_JOB])            # the worker's first load ...
     mb[worker_cpu.MB_JOB] = s                   # ... the caller posts job s ...
-    assert not worker_cpu.finish_job(mb, s)     # ... and cancels it
+    assert not worker_cpu.settle_job(mb, s, True)   # ... and cancels it
     taken = int(mb[worker_cpu.MB_TAKEN])        # the worker's second load
     assert not worker_cpu.take_job(mb, job, taken)
     assert mb[worker_cpu.MB_TAKEN] == s and mb[worker_cpu.MB_DONE] == s
@@ -310,7 +310,7 @@ def test_worker_never_takes_a_cancelled_job():
     mb[worker_cpu.MB_JOB] = s + 1
     assert worker_cpu.take_job(mb, s + 1, s)
     assert not worker_cpu.take_job(mb, s + 1, s)
-    assert worker_cpu.finish_job(mb, s + 1)     # True: the worker has it
+    assert worker_cpu.settle_job(mb, s + 1, False)  # True: the worker has it
 
 
 @needs_two_threads

@@ -108,8 +108,8 @@ needs_two_threads = pytest.mark.skipif(
 @needs_two_threads
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_worker_runs_posted_table_jobs(rng, assert_close, monkeypatch, dtype):
-    """Jobs posted by address: the spinning worker takes each (finish_job cannot cancel
-    it) and its output matches the reference once wait_done returns."""
+    """Jobs posted by address: the spinning worker takes each (settle_job cannot cancel
+    it) and its output matches the reference once settle_job returns."""
     monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)
     w = _threads.worker(dtype)
     w.wake()
@@ -128,22 +128,20 @@ def test_worker_runs_posted_table_jobs(rng, assert_close, monkeypatch, dtype):
             while w.mb[worker_cpu.MB_TAKEN] < w.seq:
                 assert time.monotonic() < deadline, "the worker never took the job"
                 time.sleep(0.0001)
-            assert worker_cpu.finish_job(w.mb, w.seq)       # taken: not cancelled
-            worker_cpu.wait_done(w.mb, w.seq)
+            assert worker_cpu.settle_job(w.mb, w.seq, True)  # taken: not cancelled
             assert w.mb[worker_cpu.MB_DONE] == w.seq
             assert_close(args[-1], want, atol, rtol, what="table job run by the worker")
 
 
 def test_unserved_table_job_is_cancelled(rng):
-    """Posted to a mailbox nobody serves: finish_job cancels it (counted as done), so
+    """Posted to a mailbox nobody serves: settle_job cancels it (counted as done), so
     the caller runs it itself and nobody else can pick it up."""
     mb = np.zeros(worker_cpu.MB_SIZE, np.int64)
     args, _ = _job(rng)
     worker_cpu.post_table_job(mb, 1, *args)
-    assert not worker_cpu.finish_job(mb, 1)
+    assert not worker_cpu.settle_job(mb, 1, True)    # returns at once
     assert mb[worker_cpu.MB_TAKEN] == 1 and mb[worker_cpu.MB_DONE] == 1
     assert np.isnan(args[-1]).all()     # nobody ran it
-    worker_cpu.wait_done(mb, 1)         # returns at once
 
 
 @needs_two_threads

@@ -489,3 +489,145 @@ def test_fit_checks_its_other_arguments_before_training():
     hist = fm.fit(ids, y, validation_data=half, epochs=1, verbose=0)
     want = fm.evaluate(half)
     assert hist["val_loss"][0] == pytest.approx(want["loss"])
+
+
+_INTERRUPT_SCRIPT = r"""
+import gc, sys, time
+import numpy as np
+import fastseq
+from fastseq import _threads, config, tagger
+from fastseq.kernels import worker_cpu as kw
+config.SPLIT_WORKER_IDLE_TICKS = 1 << 62      # the worker spins: jobs go to it
+rng = np.random.default_rng(0)
+which = sys.argv[1]
+if which == "split":
+    D, H = 32, 128
+    x = rng.standard_normal((1, 400, D)).astype(np.float32)
+    W = (rng.standard_normal((D, 4 * H)) * 0.1).astype(np.float32)
+    U = (rng.standard_normal((H, 4 * H)) * 0.1).astype(np.float32)
+    call = lambda: fastseq.lstm(x, W, U, None, return_sequences=True)
+    name = "post_split_job"
+else:
+    model = tagger.build_model(1000, 32, 64)
+    ids = rng.integers(1, 1000, (16, 200))
+    call = lambda: model.predict(ids)
+    name = "post_table_job"
+want = call()
+for _ in range(30):
+    call()
+real = getattr(kw, name)
+interrupted = 0
+for _ in range(20):
+    def post_then_interrupt(*a):       # a Ctrl-C that lands as the post returns
+        real(*a)
+        raise KeyboardInterrupt
+    setattr(kw, name, post_then_interrupt)
+    try:
+        call()
+    except KeyboardInterrupt:
+        interrupted += 1
+    setattr(kw, name, real)
+    gc.collect()
+    junk = [np.zeros(n, np.float32) for n in (256, 51200, 10 ** 5) for _ in range(4)]
+    time.sleep(0.01)
+    assert not any(j.any() for j in junk), "freed arrays were written after the call"
+assert interrupted == 20, interrupted
+bad = sum(not np.array_equal(call(), want) for _ in range(30))
+assert bad == 0, f"{bad} of 30 later calls wrong"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(_threads.get_num_threads() < 2,
+                    reason="jobs go to the worker thread only when two threads are allowed")
+@pytest.mark.parametrize("which", ["split", "table"])
+def test_interrupt_right_after_posting_a_job_is_safe(which, tmp_path):
+    """A KeyboardInterrupt raised as the post of a worker job returns: the job's arrays
+    must outlive the worker's use of them, and later calls must be right.  The post was
+    outside the try, so the job was never cancelled or waited for: the process
+    segfaulted or aborted with heap corruption.  Run in a subprocess, so a crash is a
+    failure of this test only."""
+    import subprocess
+    import sys
+    script = tmp_path / "interrupt.py"
+    script.write_text(_INTERRUPT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), which], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+_FORK_SCRIPT = r"""
+import multiprocessing as mp
+import numpy as np
+import fastseq
+from fastseq import tagger, training
+rng = np.random.default_rng(0)
+D, H = 16, 32
+x = rng.standard_normal((64, 20, D)).astype(np.float32)      # rows on the thread pool
+x1 = x[:1]                                                   # the worker thread
+W = (rng.standard_normal((D, 4 * H)) * 0.1).astype(np.float32)
+U = (rng.standard_normal((H, 4 * H)) * 0.1).astype(np.float32)
+model = tagger.build_model(200, 8, 16)
+ids = rng.integers(1, 200, (8, 12))
+tags = rng.integers(0, 17, (8, 12))
+training.compile(model, "adam")
+
+def work(_):
+    out = [fastseq.lstm(x, W, U, None), fastseq.lstm(x1, W, U, None), model.predict(ids)]
+    out.append(np.float64(training.loss_and_gradients(model, ids, tags)[0]))
+    return out
+
+want = work(0)                      # the parent uses every pool and the worker first
+training.train_on_batch(model, ids, tags)
+want = work(0)
+with mp.get_context("fork").Pool(2) as pool:
+    got = pool.map_async(work, range(2)).get(timeout=120)
+for g in got:
+    assert all(np.array_equal(a, b) for a, b in zip(g, want)), "child results differ"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"),
+                    reason="os.register_at_fork is POSIX-only")
+def test_forked_children_work_after_the_parent_used_the_pools(tmp_path):
+    """Forked children once hung: the parent's thread pools (rows, training groups,
+    optimizer) came over without their threads, so any job sent to them never ran."""
+    import subprocess
+    import sys
+    script = tmp_path / "fork.py"
+    script.write_text(_FORK_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+
+def test_interrupted_adam_step_leaves_a_consistent_state(monkeypatch):
+    """A KeyboardInterrupt as Adam's row sums of the Embedding gradient return: the
+    step is lost, but the next steps must be right.  The sums ran before the try that
+    clears their index, so later steps read stale rows (the loss became nan)."""
+    from fastseq import optimizers, tagger
+    rng = np.random.default_rng(0)
+    tx, ty = rng.integers(1, 1000, (32, 30)), rng.integers(0, 17, (32, 30))
+
+    def losses(interrupt):
+        m = tagger.build_model(1000, 16, 32, seed=2)
+        m.compile()
+        m.train_on_batch(tx, ty)
+        if interrupt:
+            real = optimizers._sum_rows
+
+            def sums_then_interrupt(*a):
+                real(*a)
+                raise KeyboardInterrupt
+            monkeypatch.setattr(optimizers, "_sum_rows", sums_then_interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                m.train_on_batch(tx, ty)
+            monkeypatch.setattr(optimizers, "_sum_rows", real)
+        return [float(m.train_on_batch(tx, ty)) for _ in range(3)]
+    got = losses(True)
+    assert np.isfinite(got).all(), got
+    # the interrupted step changed nothing, up to the moments' decay already applied
+    np.testing.assert_allclose(got, losses(False), rtol=1e-2)

@@ -12,7 +12,7 @@ store).  Two kinds:
   the parts meet at barriers).
 - KIND_TABLE: one direction of ``lstm_table_cpu.lstm_table_dense`` (the caller runs
   the other direction, then cancels the job if the worker has not taken it, and runs
-  it itself, or waits until the worker reports it done: ``finish_job``, ``wait_done``).
+  it itself, or waits until the worker reports it done: ``settle_job``).
 """
 import numpy as np
 from numba import carray, njit
@@ -54,8 +54,7 @@ def post_split_job(mb, seq, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, 
                    scratch, seqbuf, out, out_mode, Wd, bd, dense_code, ybuf, zero_output,
                    act, rec):
     """Post part 1 of a ``lstm_units_split`` job (its arguments) as job ``seq``.
-    The arrays must stay alive until ``finish_job(mb, seq)`` returns (and, when it
-    returns True, until mb[MB_DONE] reaches ``seq``)."""
+    The arrays must stay alive until mb[MB_DONE] reaches ``seq`` (``settle_job``)."""
     _put(mb, 0, sync)
     _put(mb, 1, x)
     _put(mb, 2, W)
@@ -225,25 +224,27 @@ def serve_float64(mb, max_polls):
 
 
 @njit(**NJIT_OPTS)
-def finish_job(mb, seq):
-    """After the caller's own share of job ``seq`` returned: cancel the job if the
-    worker has not taken it.  Returns True when the worker has taken it.
+def settle_job(mb, seq, wait):
+    """A caller leaving its job ``seq`` - after its own share returned, or by an
+    exception - in one Numba call (so a KeyboardInterrupt cannot cut it short).
+    Nothing if the job was never posted; else cancel it if the worker has not taken
+    it, or, if taken and ``wait``, wait until the worker has finished it.  Returns
+    True when the worker took it.
 
-    KIND_SPLIT: part 0 then ran the job alone if cancelled; if taken, part 1 has
-    finished writing the outputs (the two parts passed a last barrier together, or
-    part 1 found the job taken and writes only its scratch row), but it may still be
-    running, so the job's arrays must be kept alive until mb[MB_DONE] reaches ``seq``.
-    KIND_TABLE: if cancelled the caller runs the job itself; if taken it must
-    ``wait_done`` before reading the job's outputs."""
+    KIND_SPLIT: if cancelled, part 0 ran the job alone.  If taken and both parts ran
+    (or part 0 ran alone and part 1 came late), the outputs are written, but part 1
+    may still be returning (or packing its scratch row), so the job's arrays must stay
+    alive until mb[MB_DONE] reaches ``seq`` (``wait`` may be False).  If part 0 came
+    too late, part 1 runs the whole job alone: ``wait`` must be True.
+    KIND_TABLE: if cancelled the caller runs the job itself; if taken, ``wait`` must
+    be True before the caller reads the job's outputs."""
+    if atomic_load(mb, MB_JOB) < seq:
+        return False
     if atomic_cas(mb, MB_TAKEN, seq - 1, seq):
         # cancelled: nobody will run it, so it counts as done (jobs are posted only
         # when the worker has finished the previous one, so nothing else writes DONE)
         atomic_store(mb, MB_DONE, seq)
         return False
+    if wait:
+        wait_at_least(mb, MB_DONE, seq)
     return True
-
-
-@njit(**NJIT_OPTS)
-def wait_done(mb, seq):
-    """Wait until the worker has finished job ``seq`` (spin, then sched_yield)."""
-    wait_at_least(mb, MB_DONE, seq)
