@@ -96,7 +96,7 @@ def resolve_device(fn, device, *arrays):
 
 # --- command-line values (argparse ``type=`` functions: a bad value becomes a usage
 # error that names the option and the value, never a traceback later on) -------------
-def _cli_number(kind, parse, ok, what):
+def _cli_number(parse, ok, what):
     import argparse
     import math
 
@@ -105,16 +105,16 @@ def _cli_number(kind, parse, ok, what):
             value = parse(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if (kind is float and not math.isfinite(value)) or not ok(value):
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     convert.__name__ = what     # argparse names the type in some messages
     return convert
 
 
-positive_int = _cli_number(int, int, lambda v: v >= 1, "an integer >= 1")
-nonneg_int = _cli_number(int, int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _cli_number(float, float, lambda v: v > 0, "a finite number > 0")
+positive_int = _cli_number(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _cli_number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _cli_number(float, lambda v: v > 0, "a finite number > 0")
 
 
 def writable_path(text):

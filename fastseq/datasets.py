@@ -73,8 +73,7 @@ def read_conllu(source) -> Iterator[tuple[list[str], list[str]]]:
         path = Path(source)
         opener = gzip.open if path.suffix == ".gz" else open
         try:
-            # utf-8-sig: a byte-order mark is not part of the first line's ID
-            with opener(path, "rt", encoding="utf-8-sig") as f:
+            with opener(path, "rt", encoding="utf-8") as f:
                 yield from read_conllu(f)
         except (UnicodeDecodeError, OSError, EOFError) as exc:
             if isinstance(exc, FileNotFoundError):
@@ -83,12 +82,13 @@ def read_conllu(source) -> Iterator[tuple[list[str], list[str]]]:
                              f"({type(exc).__name__}: {exc})") from None
         return
     if isinstance(source, (bytes, bytearray)):
-        source = io.StringIO(source.decode("utf-8-sig"))
+        source = io.StringIO(source.decode("utf-8"))
     words: list[str] = []
     tags: list[str] = []
     for lineno, raw in enumerate(source, 1):
         line = raw.rstrip("\r\n")
         if lineno == 1:
+            # a byte-order mark (from any source) is not part of the first line's ID
             line = line.lstrip("\ufeff")
         if not line.strip():
             if words:
@@ -248,13 +248,13 @@ def batches(sentences, vocab: Vocab, batch_size: int = 32, *, shuffle: bool = Fa
     ``max_len`` truncates longer sentences.  Each batch is padded to its longest sentence
     (at least 1 step).
     """
-    for name, value, low in (("batch_size", batch_size, 1), ("max_len", max_len, 1),
-                             ("pool_batches", pool_batches, 1)):
+    for name, value in (("batch_size", batch_size), ("max_len", max_len),
+                        ("pool_batches", pool_batches)):
         if value is None and name == "max_len":
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
-                value < low:
-            raise ValueError(f"batches: `{name}` must be an int >= {low}"
+                value < 1:
+            raise ValueError(f"batches: `{name}` must be an int >= 1"
                              + (" or None" if name == "max_len" else "")
                              + f", got {value!r}")
     encoded = []
@@ -273,7 +273,7 @@ def batches(sentences, vocab: Vocab, batch_size: int = 32, *, shuffle: bool = Fa
     else:
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)
-        pool = max(1, int(pool_batches)) * batch_size
+        pool = pool_batches * batch_size
         groups = []
         for p in range(0, n, pool):
             chunk = perm[p:p + pool]

@@ -927,17 +927,22 @@ def _check_batch_size(batch_size, fn):
         raise ValueError(f"{fn}: `batch_size` must be a positive int, got {batch_size!r}")
 
 
+def _batch_list(x, fn):
+    """``x`` given with y=None: a non-empty sequence of batches, as a list."""
+    try:
+        items = list(x)
+    except TypeError:
+        raise TypeError(f"{fn}: with y=None, `x` must be a sequence of (x, y) or "
+                        f"(x, y, sample_weight) batches, got {type(x).__name__}") from None
+    if not items:
+        raise ValueError(f"{fn}: `x` holds no batches")
+    return items
+
+
 def _batches(x, y, sample_weight, batch_size, shuffle, rng, fn):
     """(x, y, sample_weight) batches from arrays or from a sequence of batches."""
     if y is None:
-        try:
-            items = list(x)
-        except TypeError:
-            raise TypeError(f"{fn}: with y=None, `x` must be a sequence of (x, y) or "
-                            f"(x, y, sample_weight) batches, got {type(x).__name__}") \
-                from None
-        if not items:
-            raise ValueError(f"{fn}: `x` holds no batches")
+        items = _batch_list(x, fn)
         order = rng.permutation(len(items)) if shuffle else range(len(items))
         for i in order:
             b = items[i]
@@ -1001,12 +1006,7 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None,
         raise TypeError(f"fit: `seed` must be an int or None, got {seed!r}") from None
     history = {"loss": [], "accuracy": [], "epoch_time": []}
     if y is None:
-        try:
-            x = list(x)
-        except TypeError:
-            raise TypeError(f"fit: with y=None, `x` must be a sequence of (x, y) or "
-                            f"(x, y, sample_weight) batches, got {type(x).__name__}") \
-                from None
+        x = _batch_list(x, "fit")
         n_batches = len(x)
     else:
         _check_batch_size(batch_size, "fit")

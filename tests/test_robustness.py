@@ -491,6 +491,18 @@ def test_fit_checks_its_other_arguments_before_training():
     assert hist["val_loss"][0] == pytest.approx(want["loss"])
 
 
+def _run_script_ok(path, text, *args):
+    """Run ``text`` as a script in a fresh Python (a crash fails only the calling test);
+    it must exit 0 and print "ok" last."""
+    import subprocess
+    import sys
+    path.write_text(text)
+    proc = subprocess.run([sys.executable, str(path), *args], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+
 _INTERRUPT_SCRIPT = r"""
 import gc, sys, time
 import numpy as np
@@ -547,14 +559,7 @@ def test_interrupt_right_after_posting_a_job_is_safe(which, tmp_path):
     outside the try, so the job was never cancelled or waited for: the process
     segfaulted or aborted with heap corruption.  Run in a subprocess, so a crash is a
     failure of this test only."""
-    import subprocess
-    import sys
-    script = tmp_path / "interrupt.py"
-    script.write_text(_INTERRUPT_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), which], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
-        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    _run_script_ok(tmp_path / "interrupt.py", _INTERRUPT_SCRIPT, which)
 
 
 _FORK_SCRIPT = r"""
@@ -594,14 +599,7 @@ print("ok")
 def test_forked_children_work_after_the_parent_used_the_pools(tmp_path):
     """Forked children once hung: the parent's thread pools (rows, training groups,
     optimizer) came over without their threads, so any job sent to them never ran."""
-    import subprocess
-    import sys
-    script = tmp_path / "fork.py"
-    script.write_text(_FORK_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
-        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    _run_script_ok(tmp_path / "fork.py", _FORK_SCRIPT)
 
 
 def test_interrupted_adam_step_leaves_a_consistent_state(monkeypatch):
