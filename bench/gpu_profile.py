@@ -189,20 +189,22 @@ def main():
             rbb = 4 if B >= _cuda.RBB_MIN_BATCH else 1
             kp, sig = _cuda._lstm_kernel(cuda, "persistent", dt, rbb)
             plan = _cuda._persistent_plan(cuda, kp, sig, B, H, 4, tpb, rbb)
-            hb, ks, hp, smem, nblk = plan
+            hb, ks, hp, kt, ktp, ptpb, smem, nblk = plan
+            from fastseq.kernels.activations import ACTIVATION_CODES as AC
+            flags = 1 << 3 | AC["tanh"] << 8 | AC["sigmoid"] << 16
+            d11 = cuda.to_device(np.zeros((1, 1), np.float32))
             res = {}
             for TT in (1, T):
                 G = cuda.device_array((B, TT, 4 * H), np.float32)
                 G.copy_to_device(np.zeros((B, TT, 4 * H), np.float32))
-                hbuf = cuda.to_device(np.zeros((2, B, H), np.float32))
-                cb = cuda.to_device(np.zeros((B, H), np.float32))
-                yl = cuda.to_device(np.zeros((B, H), np.float32))
+                st = cuda.to_device(np.zeros((4, B, H), np.float32))
                 out = cuda.device_array((B, TT, H), np.float32)
                 m = cuda.to_device(np.ones((1, 1), np.uint8))
 
                 def launch():
-                    kp[nblk, tpb, 0, smem](G, wts.Ut, wts.b, hbuf, cb, yl, out, m, hb, ks,
-                                           hp, 0, 0, 0, 1, 0, 1)
+                    kp[nblk, ptpb, 0, smem](G, wts.Ut, wts.b, st, out, m, d11, d11,
+                                            hb | ks << 20 | kt << 40, hp | ktp << 32,
+                                            flags)
                 res[TT] = median_time(launch, sync, reps)
                 nq = 3 if dry else 50
                 launch()
@@ -216,8 +218,8 @@ def main():
                 print(f"B={B} H={H} T={TT}: kernel {1e3 * res[TT]:.3f} ms synced; queued: "
                       f"{1e6 * t_q:.1f} us host per launch, {1e3 * t_all:.3f} ms per launch")
             per_step = (res[T] - res[1]) / max(1, T - 1)
-            print(f"B={B} H={H}: plan {nblk} blocks x {tpb}, HB={hb}, KS={ks}, RBB={rbb}, "
-                  f"smem {smem}; per step {1e6 * per_step:.2f} us; whole fastseq.lstm "
+            print(f"B={B} H={H}: plan {nblk} blocks x {ptpb}, HB={hb}, KS={ks}, RBB={rbb}, "
+                  f"KT={kt}, smem {smem}; per step {1e6 * per_step:.2f} us; whole fastseq.lstm "
                   f"{1e3 * t_call:.3f} ms; kernel T={T} {1e3 * res[T]:.3f} ms")
             if cupy is not None:
                 xm = cupy.asarray(x.reshape(B * T, D))

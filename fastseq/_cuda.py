@@ -26,12 +26,14 @@ The tunables below are read at call time, so tests may patch them (e.g. tiny blo
 force several blocks and ragged tails).
 """
 import collections
+import threading
 import weakref
 
 import numpy as np
 
 # --- tunables (read at call time) --------------------------------------------------------
-# Threads per block of the LSTM kernels (rounded down to a power of two).
+# Threads per block of the LSTM kernels (rounded down to a power of two; the persistent
+# kernel takes fewer when its items need fewer).
 THREADS_PER_BLOCK = 256
 # Hidden units per block; None = automatic (persistent: smallest slice whose grid can be
 # co-resident, starting from H / (SMs * PERSISTENT_BLOCKS_PER_SM); per-step: 8).
@@ -48,10 +50,22 @@ PERSISTENT_BLOCKS_PER_SM = 1
 LSTM_MODE = "auto"
 # Cap on dynamic shared memory per block in bytes; None = the device's opt-in maximum.
 MAX_SHARED_BYTES = None
+# Persistent kernel: at most this many threads share one item's dot products (power of
+# two), and the h rows staged in shared memory per step take at most this many bytes
+# (whole rows when they fit, else tiles of KT columns).
+MAX_THREADS_PER_ITEM = 32
+H_STAGE_BYTES = 80 * 1024
+# Input projections up to this size reuse one cached device buffer per dtype (larger
+# ones are allocated per call).
+WORKSPACE_CACHE_BYTES = 64 * 1024 * 1024
 # Fused Dense: threads per block (power of two), rows per block, staged D slice.
 DENSE_THREADS_PER_BLOCK = 256
 DENSE_ROWS_PER_BLOCK = 16
 DENSE_K_TILE = 64
+# Dense with the logits from a GEMM (cuBLAS through CuPy when installed, else the tiled
+# Numba GEMM) and the bias + activation in a second kernel: "auto" (when CuPy can be
+# used), "always", "never" (the single fused kernel).
+DENSE_GEMM = "auto"
 # Tiled GEMM (input projection when CuPy is missing): C tile and thread tile.
 GEMM_TILE = 64
 GEMM_THREADS = 16
@@ -68,6 +82,9 @@ last_lstm_path = None
 
 _JIT = {}
 _WCACHE = {}
+_WS = {}
+_WS_LOCK = threading.Lock()
+_DUMMIES = {}
 _PLAN_CACHE = {}
 _SMEM_SET = {}
 
@@ -169,8 +186,8 @@ def _to_dev(cuda, a, dt, what):
         if _is_cupy(a):
             import cupy
             a = cupy.ascontiguousarray(a, dtype=dt)
-            return cuda.as_cuda_array(a)
-        d = a if _is_numba_dev(a) else cuda.as_cuda_array(a)
+            return _numba_view(cuda, a)
+        d = a if _is_numba_dev(a) else _numba_view(cuda, a)
         if d.dtype == dt and d.is_c_contiguous():
             return d
         # Rare: a non-contiguous / other-dtype Numba device array; convert via the host.
@@ -178,6 +195,14 @@ def _to_dev(cuda, a, dt, what):
         return cuda.to_device(np.ascontiguousarray(d.copy_to_host(), dtype=dt))
     UPLOADS[what] += 1
     return cuda.to_device(np.ascontiguousarray(a, dtype=dt))
+
+
+def _numba_view(cuda, a):
+    """Numba view of a ``__cuda_array_interface__`` array.  An array on a default stream
+    (legacy or per-thread, or none named) needs no stream synchronisation: fastseq's
+    kernels run on the legacy default stream, which waits for work on those."""
+    stream = a.__cuda_array_interface__.get("stream")
+    return cuda.as_cuda_array(a, sync=stream not in (None, 1, 2))
 
 
 def _zeros(cuda, shape, dt):
@@ -222,7 +247,8 @@ def _jit(cuda, key, pyfunc, argtypes):
 def _lstm_kernel(cuda, name, dt, rbb):
     from .kernels import lstm_cuda
     ks = lstm_cuda.lstm_kernels(dt, rbb)
-    fn = {"persistent": ks.persistent, "step": ks.step, "transpose": ks.transpose}[name]
+    fn = {"persistent": ks.persistent, "step": ks.step, "init_state": ks.init_state,
+          "transpose": ks.transpose}[name]
     sig = ks.signatures[name]
     return _jit(cuda, ("lstm", name, dt.str, rbb), fn, sig), sig
 
@@ -257,6 +283,15 @@ def _enable_smem(cuda, kernel, sig, nbytes):
     _SMEM_SET[key] = nbytes
 
 
+def _kernel_max_threads(kernel, sig, default):
+    """The most threads per block the compiled kernel can be launched with (its
+    registers bound it), as a power of two."""
+    try:
+        return _pow2floor(int(_overload(kernel, sig).max_threads_per_block))
+    except Exception:   # the simulator has no such attribute
+        return default
+
+
 def _coop_blocks(kernel, sig, tpb, smem):
     ov = _overload(kernel, sig)
     try:
@@ -265,10 +300,12 @@ def _coop_blocks(kernel, sig, tpb, smem):
         return int(ov.max_cooperative_grid_blocks(tpb))
 
 
-def _choose_ks(nthr, nitems, H):
-    """Threads per item: a power of two, as many as the block has to spare, <= H."""
+def _choose_ks(nthr, nitems, H, cap=None):
+    """Threads per item: a power of two, as many as the block has to spare, <= H (and
+    <= cap)."""
     ks = 1
-    while ks * 2 <= nthr and ks * 2 * nitems <= nthr and ks * 2 <= H:
+    while ks * 2 <= nthr and ks * 2 * nitems <= nthr and ks * 2 <= H and \
+            (cap is None or ks * 2 <= cap):
         ks *= 2
     return ks
 
@@ -281,10 +318,23 @@ def _pad_rows(H, ks):
     return H + ((ks - H) % 32)
 
 
-def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb, rbb):
-    """(HB, KS, Hp, smem_bytes, nblocks) for the persistent kernel, or (None, reason)."""
-    key = (B, H, itemsize, tpb, rbb, HIDDEN_PER_BLOCK, PERSISTENT_BLOCKS_PER_SM,
-           MAX_SHARED_BYTES, id(kernel))
+def _h_tile(B, H, itemsize, budget):
+    """(KT, KTp): columns of h staged per tile and the (odd) row stride in shared
+    memory; KT = H when all of h fits in ``budget`` bytes, else a multiple of 32 (or
+    fewer than 32 columns when even that does not fit)."""
+    if B * (H + 1) * itemsize <= budget:
+        kt = H
+    else:
+        cap = max(1, budget // (B * itemsize) - 1)
+        kt = min(H, cap - cap % 32 if cap >= 32 else cap)
+    return kt, kt + 1 - kt % 2
+
+
+def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb_max, rbb):
+    """(HB, KS, Hp, KT, KTp, threads, smem_bytes, nblocks) for the persistent kernel, or
+    (None, reason)."""
+    key = (B, H, itemsize, tpb_max, rbb, HIDDEN_PER_BLOCK, PERSISTENT_BLOCKS_PER_SM,
+           MAX_SHARED_BYTES, MAX_THREADS_PER_ITEM, H_STAGE_BYTES, id(kernel))
     hit = _PLAN_CACHE.get(key)
     if hit is not None:
         return hit
@@ -299,16 +349,22 @@ def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb, rbb):
         start = max(1, -(-H // max(1, sms * int(PERSISTENT_BLOCKS_PER_SM))))
         stop = H
     ngrp = -(-B // rbb)
+    tpb_max = min(tpb_max, _kernel_max_threads(kernel, sig, tpb_max))
     result = None
     for hb in range(start, stop + 1):
         nblk = -(-H // hb)
-        ks = _choose_ks(tpb, ngrp * hb, H)
+        nitems = ngrp * hb
+        ks = _choose_ks(tpb_max, nitems, H, cap=max(1, int(MAX_THREADS_PER_ITEM)))
+        tpb = min(tpb_max, max(min(32, tpb_max), _pow2ceil(nitems * ks)))
         hp = _pad_rows(H, ks)
-        smem = itemsize * (4 * hb * hp + (4 * rbb * tpb if ks > 1 else 0))
+        fixed = itemsize * (4 * hb * hp + (4 * rbb * tpb if ks > 1 else 0))
+        # narrower h tiles when the weights leave too little room
+        kt, ktp = _h_tile(B, H, itemsize, min(int(H_STAGE_BYTES), max(0, limit - fixed)))
+        smem = fixed + itemsize * B * ktp
         if smem > limit:
-            result = (None, f"the recurrent weight slice for {hb} hidden units needs "
-                            f"{smem} bytes of shared memory, more than the {limit} "
-                            "available per block")
+            result = (None, f"the recurrent weight slice for {hb} hidden units and the "
+                            f"staged h need {smem} bytes of shared memory, more than the "
+                            f"{limit} available per block")
             break
         try:
             _enable_smem(cuda, kernel, sig, smem)
@@ -318,7 +374,7 @@ def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb, rbb):
                             f"({type(exc).__name__}: {exc})")
             break
         if nblk <= maxb:
-            result = (hb, ks, hp, smem, nblk)
+            result = (hb, ks, hp, kt, ktp, tpb, smem, nblk)
             break
         result = (None, f"a cooperative grid of {nblk} blocks ({hb} hidden units each, "
                         f"{smem} bytes of shared memory) cannot be co-resident "
@@ -329,21 +385,29 @@ def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb, rbb):
     return result
 
 
+def _cupy():
+    """CuPy when it may be used for GEMMs (installed, USE_CUPY, not the simulator)."""
+    if not USE_CUPY or is_simulator():
+        return None
+    try:
+        import cupy
+    except Exception:
+        return None
+    return cupy
+
+
 def _matmul(cuda, A, Bm, C):
-    """C = A @ Bm for contiguous 2-D device arrays (CuPy/cuBLAS when available)."""
-    M, K = A.shape
-    N = Bm.shape[1]
+    """C = A @ Bm for contiguous 2-D device arrays (CuPy/cuBLAS when available; CuPy or
+    Numba arrays)."""
+    M, K = (int(n) for n in A.shape)
+    N = int(Bm.shape[1])
     if M == 0 or N == 0:
         return
-    if USE_CUPY and not is_simulator():
-        try:
-            import cupy
-        except Exception:
-            cupy = None
-        if cupy is not None:
-            cupy.matmul(cupy.asarray(A), cupy.asarray(Bm), out=cupy.asarray(C))
-            LAUNCHES["cupy_gemm"] += 1
-            return
+    cupy = _cupy()
+    if cupy is not None:
+        cupy.matmul(cupy.asarray(A), cupy.asarray(Bm), out=cupy.asarray(C))
+        LAUNCHES["cupy_gemm"] += 1
+        return
     from .kernels import gemm_cuda
     dt = np.dtype(A.dtype)
     tile, thr = int(GEMM_TILE), int(GEMM_THREADS)
@@ -355,6 +419,67 @@ def _matmul(cuda, A, Bm, C):
         grid = (-(-N // tile), -(-(r1 - r0) // tile))
         k[grid, (thr, thr)](A[r0:r1], Bm, C[r0:r1])
         LAUNCHES["gemm"] += 1
+
+
+def _as_cupy(cupy, d):
+    """CuPy view of the Numba device array d, made once per array (kept on d)."""
+    c = getattr(d, "_fastseq_cupy", None)
+    if c is None:
+        c = cupy.asarray(d)
+        try:
+            d._fastseq_cupy = c
+        except AttributeError:
+            pass
+    return c
+
+
+def _device_key(cuda):
+    try:
+        return int(cuda.get_current_device().id)
+    except Exception:
+        return 0
+
+
+def _dummy(cuda, shape, dt):
+    """A small constant device array (zeros) for arguments a kernel does not read;
+    made once per device."""
+    key = (_device_key(cuda), np.dtype(dt).str, shape)
+    d = _DUMMIES.get(key)
+    if d is None:
+        d = cuda.to_device(np.zeros(shape, dt))
+        _DUMMIES[key] = d
+    return d
+
+
+def _workspace(cuda, n, dt):
+    """(numba, cupy or None) flat device arrays of n values of dtype dt.  Sizes up to
+    WORKSPACE_CACHE_BYTES come from one grow-only buffer per (device, dtype): the
+    caller must hold _WS_LOCK until its last use of the buffer is enqueued (every
+    kernel runs on the default stream, so later users wait for it)."""
+    dt = np.dtype(dt)
+    cupy = _cupy()
+    if n * dt.itemsize > int(WORKSPACE_CACHE_BYTES):
+        if cupy is not None:
+            c = cupy.empty(n, dt)
+            return cuda.as_cuda_array(c, sync=False), c
+        return cuda.device_array(n, dtype=dt), None
+    key = (_device_key(cuda), dt.str)
+    ent = _WS.get(key)
+    if ent is None or ent[0].shape[0] < n:
+        size = max(n, 2 * ent[0].shape[0] if ent is not None else 0)
+        size = max(n, min(size, int(WORKSPACE_CACHE_BYTES) // dt.itemsize))
+        d = cuda.device_array(size, dtype=dt)
+        ent = (d, cupy.asarray(d) if cupy is not None else None)
+        _WS[key] = ent
+    d, c = ent
+    return d[:n], (c[:n] if c is not None else None)
+
+
+def release_workspace():
+    """Free the cached input-projection buffers and constant arrays of the CUDA path."""
+    with _WS_LOCK:
+        _WS.clear()
+        _DUMMIES.clear()
 
 
 # --- weights -----------------------------------------------------------------------------
@@ -472,8 +597,8 @@ def _mask_dev(cuda, mask):
         if _is_cupy(mask):
             import cupy
             m = cupy.ascontiguousarray(mask != 0).view(cupy.uint8)
-            return cuda.as_cuda_array(m)
-        d = mask if _is_numba_dev(mask) else cuda.as_cuda_array(mask)
+            return _numba_view(cuda, m)
+        d = mask if _is_numba_dev(mask) else _numba_view(cuda, mask)
         if np.dtype(d.dtype) in (np.dtype(np.bool_), np.dtype(np.uint8)) \
                 and d.is_c_contiguous():
             return d.view(np.uint8) if np.dtype(d.dtype) == np.bool_ else d
@@ -505,13 +630,18 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     r_code = _act_code(rec, "recurrent_activation")
     kind = _out_kind(x)
     dt = _compute_dtype(x)
-    xd = _to_dev(cuda, x, dt, "x")
+    cupy = _cupy()
+    if cupy is not None and kind == "cupy":
+        # the kernel never reads x: keep it as CuPy for the GEMM (no Numba view)
+        xd = cupy.ascontiguousarray(x, dtype=dt)
+    else:
+        xd = _to_dev(cuda, x, dt, "x")
     B, T, D = (int(n) for n in xd.shape)
     if weights is None:
         H = int(U.shape[0])
-        bias = np.zeros(4 * H, dt) if b is None else b
+        bias = _dummy(cuda, (4 * H,), dt) if b is None else _weight(cuda, b, dt)
         weights = LSTMWeights(_weight(cuda, W, dt), _weight(cuda, U, dt, transpose=True),
-                              _weight(cuda, bias, dt), dt)
+                              bias, dt)
     elif weights.dtype != dt:
         raise ValueError(f"lstm: weights were uploaded as {weights.dtype}, input computes "
                          f"in {dt}")
@@ -520,33 +650,23 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     if weights.D != D:
         raise ValueError(f"lstm: `kernel` must have shape [D, 4H] = ({D}, {G4}), got "
                          f"({weights.D}, {int(weights.W.shape[1])})")
-
-    hbuf = cuda.device_array((2, B, H), dtype=dt)
-    if h0 is None:
-        hbuf[0].copy_to_device(np.zeros((B, H), dt))
-    else:
-        hbuf[0].copy_to_device(_to_dev(cuda, h0, dt, "state"))
-    cbuf = cuda.device_array((B, H), dtype=dt)
-    cbuf.copy_to_device(np.zeros((B, H), dt) if c0 is None
-                        else _to_dev(cuda, c0, dt, "state"))
-    ylast = _zeros(cuda, (B, H), dt)
+    h0d = _dummy(cuda, (1, 1), dt) if h0 is None else _to_dev(cuda, h0, dt, "state")
+    c0d = _dummy(cuda, (1, 1), dt) if c0 is None else _to_dev(cuda, c0, dt, "state")
+    flags = (int(mask is not None) | int(bool(go_backwards)) << 1
+             | int(bool(zero_output_for_mask)) << 2 | int(bool(return_sequences)) << 3
+             | int(h0 is not None) << 4 | int(c0 is not None) << 5
+             | a_code << 8 | r_code << 16)
+    # one allocation for everything returned: the sequence (if asked) and the state
+    # st [4, B, H] (h double buffer, c, last output)
+    nseq = B * T * H if return_sequences else 0
+    buf = cuda.device_array(nseq + 4 * B * H, dtype=dt)
+    st = buf[nseq:].reshape(4, B, H)
+    out = buf[:nseq].reshape(B, T, H) if return_sequences else _dummy(cuda, (1, 1, 1), dt)
     if B == 0 or T == 0:
-        out = _zeros(cuda, (B, T, H), dt) if return_sequences else ylast
-        return _finish(out, kind), _finish(hbuf[0], kind), _finish(cbuf, kind)
-
-    G = cuda.device_array((B * T, G4), dtype=dt)
-    _matmul(cuda, xd.reshape(B * T, D), weights.W, G)
-    G3 = G.reshape(B, T, G4)
-    if mask is None:
-        maskd = cuda.to_device(np.ones((1, 1), np.uint8))
-        has_mask = 0
-    else:
-        maskd = _mask_dev(cuda, mask)
-        has_mask = 1
-    out = cuda.device_array((B, T, H), dtype=dt) if return_sequences \
-        else cuda.device_array((1, 1, 1), dtype=dt)
-    gb, zofm, rs = int(bool(go_backwards)), int(bool(zero_output_for_mask)), \
-        int(bool(return_sequences))
+        if B * H:
+            _launch_init_state(cuda, dt, st, h0d, c0d, flags)
+        return _lstm_outputs(buf, nseq, B, T, H, 0, return_sequences, kind)
+    maskd = _dummy(cuda, (1, 1), np.uint8) if mask is None else _mask_dev(cuda, mask)
 
     tpb = _pow2floor(THREADS_PER_BLOCK)
     if BATCH_REGISTER_TILE is not None:
@@ -556,68 +676,100 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     from .kernels.lstm_cuda import RBB_CHOICES
     if rbb not in RBB_CHOICES:
         raise ValueError(f"BATCH_REGISTER_TILE must be one of {RBB_CHOICES}, got {rbb}")
-    itemsize = dt.itemsize
-
     mode = LSTM_MODE
     if mode not in ("auto", "persistent", "stepwise"):
         raise ValueError(f"LSTM_MODE must be 'auto', 'persistent' or 'stepwise', got {mode!r}")
-    reason = "LSTM_MODE='stepwise'"
-    if mode != "stepwise":
-        try:
-            kp, sigp = _lstm_kernel(cuda, "persistent", dt, rbb)
-            plan = _persistent_plan(cuda, kp, sigp, B, H, itemsize, tpb, rbb)
-        except Exception as exc:   # e.g. the device runtime library cannot be linked
-            if mode == "persistent":
-                raise
-            plan = (None, f"the persistent kernel is unavailable ({type(exc).__name__}: "
-                          f"{exc})")
-        if plan[0] is not None:
-            hb, ks, hp, smem, nblk = plan
+
+    with _WS_LOCK:
+        Gd, Gc = _workspace(cuda, B * T * G4, dt)
+        if Gc is not None:
+            cupy.matmul(cupy.asarray(xd).reshape(B * T, D), _as_cupy(cupy, weights.W),
+                        out=Gc.reshape(B * T, G4))
+            LAUNCHES["cupy_gemm"] += 1
+        else:
+            _matmul(cuda, xd.reshape(B * T, D), weights.W, Gd.reshape(B * T, G4))
+        G3 = Gd.reshape(B, T, G4)
+        reason = "LSTM_MODE='stepwise'"
+        if mode != "stepwise":
             try:
-                kp[nblk, tpb, 0, smem](G3, weights.Ut, weights.b, hbuf, cbuf, ylast, out,
-                                       maskd, hb, ks, hp, has_mask, gb, zofm, rs,
-                                       a_code, r_code)
-                LAUNCHES["lstm_persistent"] += 1
-                last_lstm_path = ("persistent",
-                                  f"{nblk} blocks x {tpb} threads, {hb} hidden units per "
-                                  f"block, KS={ks}, RBB={rbb}, {smem} bytes shared")
-                return _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind)
-            except Exception as exc:
+                kp, sigp = _lstm_kernel(cuda, "persistent", dt, rbb)
+                plan = _persistent_plan(cuda, kp, sigp, B, H, dt.itemsize, tpb, rbb)
+            except Exception as exc:   # e.g. the device runtime library cannot be linked
                 if mode == "persistent":
                     raise
-                reason = f"cooperative launch failed ({type(exc).__name__}: {exc})"
-                # the kernel may have run partly: reset the state before the fallback
-                hbuf[0].copy_to_device(np.zeros((B, H), dt) if h0 is None
-                                       else _to_dev(cuda, h0, dt, "state"))
-                cbuf.copy_to_device(np.zeros((B, H), dt) if c0 is None
-                                    else _to_dev(cuda, c0, dt, "state"))
-                ylast.copy_to_device(np.zeros((B, H), dt))
-        else:
-            reason = plan[1]
-            if mode == "persistent":
-                raise RuntimeError(f"lstm: the persistent CUDA kernel cannot run: {reason}")
+                plan = (None, f"the persistent kernel is unavailable "
+                              f"({type(exc).__name__}: {exc})")
+            if plan[0] is not None:
+                hb, ks, hp, kt, ktp, ptpb, smem, nblk = plan
+                try:
+                    kp[nblk, ptpb, 0, smem](G3, weights.Ut, weights.b, st, out, maskd,
+                                            h0d, c0d, hb | ks << 20 | kt << 40,
+                                            hp | ktp << 32, flags)
+                    LAUNCHES["lstm_persistent"] += 1
+                    last_lstm_path = ("persistent",
+                                      f"{nblk} blocks x {ptpb} threads, {hb} hidden units "
+                                      f"per block, KS={ks}, RBB={rbb}, h tile {kt} of "
+                                      f"{H}, {smem} bytes shared")
+                    return _lstm_outputs(buf, nseq, B, T, H, T, return_sequences, kind)
+                except Exception as exc:
+                    if mode == "persistent":
+                        raise
+                    reason = f"cooperative launch failed ({type(exc).__name__}: {exc})"
+            else:
+                reason = plan[1]
+                if mode == "persistent":
+                    raise RuntimeError(f"lstm: the persistent CUDA kernel cannot run: "
+                                       f"{reason}")
 
-    ksf, sigs = _lstm_kernel(cuda, "step", dt, rbb)
-    hb = max(1, min(int(HIDDEN_PER_BLOCK) if HIDDEN_PER_BLOCK is not None else 8, H))
-    if BATCH_PER_BLOCK is not None:
-        bb = max(1, min(int(BATCH_PER_BLOCK), B))
-    else:
-        bb = max(1, min(B, (tpb * rbb) // hb))
-    ks = _choose_ks(tpb, (-(-bb // rbb)) * hb, H)
-    smem = max(itemsize * 4 * rbb * tpb if ks > 1 else 0, 64)
-    _enable_smem(cuda, ksf, sigs, smem)   # only needed above 48 KiB (tpb > 384)
-    grid = (-(-H // hb), -(-B // bb))
-    Ut1 = weights.Ut.reshape(G4 * H)
-    hv = (hbuf[0], hbuf[1])
-    for s in range(T):
-        t = T - 1 - s if gb else s
-        p = s % 2
-        ksf[grid, tpb, 0, smem](G3, Ut1, weights.b, hv[p], hv[1 - p], cbuf, ylast, out,
-                                maskd, s, t, hb, bb, ks, has_mask, zofm, rs,
-                                a_code, r_code)
-    LAUNCHES["lstm_step"] += T
+        # per-step fallback (the state is (re)initialised: a failed cooperative launch
+        # may have run partly)
+        _launch_init_state(cuda, dt, st, h0d, c0d, flags)
+        ksf, sigs = _lstm_kernel(cuda, "step", dt, rbb)
+        tpb = min(tpb, _kernel_max_threads(ksf, sigs, tpb))
+        hb = max(1, min(int(HIDDEN_PER_BLOCK) if HIDDEN_PER_BLOCK is not None else 8, H))
+        if BATCH_PER_BLOCK is not None:
+            bb = max(1, min(int(BATCH_PER_BLOCK), B))
+        else:
+            bb = max(1, min(B, (tpb * rbb) // hb))
+        ks = _choose_ks(tpb, (-(-bb // rbb)) * hb, H)
+        smem = max(dt.itemsize * 4 * rbb * tpb if ks > 1 else 0, 64)
+        _enable_smem(cuda, ksf, sigs, smem)   # only needed above 48 KiB (tpb > 384)
+        grid = (-(-H // hb), -(-B // bb))
+        Ut1 = weights.Ut.reshape(G4 * H)
+        hv = (st[0], st[1])
+        cbuf, ylast = st[2], st[3]
+        has_mask, gb = flags & 1, (flags >> 1) & 1
+        zofm, rs = (flags >> 2) & 1, (flags >> 3) & 1
+        for s in range(T):
+            t = T - 1 - s if gb else s
+            p = s % 2
+            ksf[grid, tpb, 0, smem](G3, Ut1, weights.b, hv[p], hv[1 - p], cbuf, ylast,
+                                    out, maskd, s, t, hb, bb, ks, has_mask, zofm, rs,
+                                    a_code, r_code)
+        LAUNCHES["lstm_step"] += T
     last_lstm_path = ("stepwise", reason)
-    return _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind)
+    return _lstm_outputs(buf, nseq, B, T, H, T, return_sequences, kind)
+
+
+def _launch_init_state(cuda, dt, st, h0d, c0d, flags):
+    k, _ = _lstm_kernel(cuda, "init_state", dt, 1)
+    tpb, nb = _cell_grid(int(st.shape[1]) * int(st.shape[2]))
+    k[nb, tpb](st, h0d, c0d, flags)
+    LAUNCHES["init_state"] += 1
+
+
+def _lstm_outputs(buf, nseq, B, T, H, steps, return_sequences, kind):
+    """(out, hT, cT) from the call's single buffer: [sequence | st (4, B, H)]."""
+    if kind == "host":
+        a = buf.copy_to_host()
+    elif kind == "cupy":
+        import cupy
+        a = cupy.asarray(buf)
+    else:
+        a = buf
+    st = a[nseq:].reshape(4, B, H)
+    out = a[:nseq].reshape(B, T, H) if return_sequences else st[3]
+    return out, st[steps % 2], st[2]
 
 
 def _train_kernel(cuda, name, dt):
@@ -743,11 +895,6 @@ def _cell_grid(n):
     return tpb, max(1, min(-(-n // tpb), 4096))
 
 
-def _lstm_results(out, hbuf, cbuf, ylast, T, return_sequences, kind):
-    o = out if return_sequences else ylast
-    return _finish(o, kind), _finish(hbuf[T % 2], kind), _finish(cbuf, kind)
-
-
 # --- Dense -------------------------------------------------------------------------------
 def _dense_code(activation):
     from .kernels.dense_cuda import DENSE_CODES
@@ -763,8 +910,8 @@ def _dense_setup(cuda, x, W, b, weights):
     xd = _to_dev(cuda, x, dt, "x")
     if weights is None:
         K = int(W.shape[1])
-        bias = np.zeros(K, dt) if b is None else b
-        weights = DenseWeights(_weight(cuda, W, dt), _weight(cuda, bias, dt), dt)
+        bias = _dummy(cuda, (K,), dt) if b is None else _weight(cuda, b, dt)
+        weights = DenseWeights(_weight(cuda, W, dt), bias, dt)
     elif weights.dtype != dt:
         raise ValueError(f"dense: weights were uploaded as {weights.dtype}, input computes "
                          f"in {dt}")
@@ -795,14 +942,61 @@ def dense_cuda(x, W, b, activation=None, *, weights=None):
     cuda = _require()
     code = _dense_code(activation)
     kind = _out_kind(x)
+    mode = DENSE_GEMM
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"DENSE_GEMM must be 'auto', 'always' or 'never', got {mode!r}")
+    cupy = _cupy()
+    use_gemm = mode == "always" or (mode == "auto" and cupy is not None)
+    if use_gemm and cupy is not None and kind == "cupy":
+        return _dense_gemm_cupy(cuda, cupy, x, W, b, weights, code)
     dt, x2, weights, lead, M, K = _dense_setup(cuda, x, W, b, weights)
     y = cuda.device_array((M, K), dtype=dt)
     if M and K:
-        ks, rb, kt, nthr, smem = _dense_launch_cfg(dt, K)
-        k = _jit(cuda, ("dense", dt.str, rb, kt), ks.dense, ks.signatures["dense"])
-        k[-(-M // rb), nthr, 0, smem](x2, weights.W, weights.b, y, code)
-        LAUNCHES["dense"] += 1
+        if use_gemm:
+            _matmul(cuda, x2, weights.W, y)
+            _launch_epilogue(cuda, dt, y, weights.b, code)
+        else:
+            ks, rb, kt, nthr, smem = _dense_launch_cfg(dt, K)
+            k = _jit(cuda, ("dense", dt.str, rb, kt), ks.dense, ks.signatures["dense"])
+            k[-(-M // rb), nthr, 0, smem](x2, weights.W, weights.b, y, code)
+            LAUNCHES["dense"] += 1
     return _finish(y.reshape(*lead, K), kind)
+
+
+def _launch_epilogue(cuda, dt, y, b, code):
+    from .kernels import dense_cuda
+    ks = dense_cuda.dense_kernels(dt, int(DENSE_ROWS_PER_BLOCK), int(DENSE_K_TILE))
+    k = _jit(cuda, ("dense_epilogue", dt.str), ks.epilogue, ks.signatures["epilogue"])
+    tpb, nb = _cell_grid(int(y.shape[0]))
+    k[nb, tpb](y, b, code)
+    LAUNCHES["dense_epilogue"] += 1
+
+
+def _dense_gemm_cupy(cuda, cupy, x, W, b, weights, code):
+    """dense_cuda for a CuPy input: CuPy arrays in and out, cuBLAS GEMM into a CuPy
+    output, then the bias + activation kernel on a Numba view of it."""
+    dt = _compute_dtype(x)
+    xc = cupy.ascontiguousarray(x, dtype=dt)
+    if weights is None:
+        K = int(W.shape[1])
+        bias = _dummy(cuda, (K,), dt) if b is None else _weight(cuda, b, dt)
+        weights = DenseWeights(_weight(cuda, W, dt), bias, dt)
+    elif weights.dtype != dt:
+        raise ValueError(f"dense: weights were uploaded as {weights.dtype}, input computes "
+                         f"in {dt}")
+    lead = tuple(int(n) for n in xc.shape[:-1])
+    D = int(xc.shape[-1])
+    M = int(np.prod(lead, dtype=np.int64))
+    K = int(weights.W.shape[1])
+    y = cupy.empty((M, K), dt)
+    if M and K:
+        if D:
+            cupy.matmul(xc.reshape(M, D), _as_cupy(cupy, weights.W), out=y)
+        else:
+            y.fill(0)
+        LAUNCHES["cupy_gemm"] += 1
+        _launch_epilogue(cuda, dt, _numba_view(cuda, y), weights.b, code)
+    return y.reshape(*lead, K)
 
 
 def argmax_dense_cuda(x, W, b, activation=None, *, weights=None):
@@ -842,11 +1036,13 @@ def kernel_catalog():
                         ks.signatures["step"]))
         ks1 = lstm_cuda.lstm_kernels(dt, 1)
         cat.append((f"transpose[{dt.name}]", ks1.transpose, ks1.signatures["transpose"]))
+        cat.append((f"init_state[{dt.name}]", ks1.init_state, ks1.signatures["init_state"]))
         cat.append((f"gemm[{dt.name}]", gemm_cuda.gemm_kernel(dt, GEMM_TILE, GEMM_THREADS),
                     gemm_cuda.signature(dt)))
         dk = dense_cuda.dense_kernels(dt, DENSE_ROWS_PER_BLOCK, DENSE_K_TILE)
         cat.append((f"dense[{dt.name}]", dk.dense, dk.signatures["dense"]))
         cat.append((f"dense_argmax[{dt.name}]", dk.argmax, dk.signatures["argmax"]))
+        cat.append((f"dense_epilogue[{dt.name}]", dk.epilogue, dk.signatures["epilogue"]))
         tk = lstm_bwd_cuda.train_kernels(dt)
         for name in ("fwd_cell", "bwd_cell", "bwd_dh", "col_sum"):
             cat.append((f"train_{name}[{dt.name}]", getattr(tk, name),

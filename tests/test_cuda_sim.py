@@ -50,6 +50,19 @@ LSTM_CASES = {
     "persistent_ks4_plain_last": dict(
         B=1, T=4, D=3, H=4, mask=False, state=False, seq=False, back=False, zofm=False,
         tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=32), path="persistent", ks=4),
+    # persistent, h staged in tiles of 1 column (H_STAGE_BYTES tiny), 2 rounds of items
+    # (35 items, 32 threads), mask, states, backwards
+    "persistent_h_tiles_rounds": dict(
+        B=5, T=4, D=3, H=7, mask=True, state=True, seq=True, back=True, zofm=False,
+        tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=32, H_STAGE_BYTES=16),
+        path="persistent", tile="h tile 1 of 7"),
+    # the same with a register tile of 4 (2 ragged groups x 7 units = 14 items, KS=1)
+    # and tiles of 3 columns (ragged last tile), zero_output_for_mask, last output only
+    "persistent_h_tiles_rbb4": dict(
+        B=5, T=5, D=3, H=7, mask=True, state=True, seq=False, back=False, zofm=True,
+        tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=8, BATCH_REGISTER_TILE=4,
+                 H_STAGE_BYTES=80),
+        path="persistent", tile="h tile 3 of 7"),
     # per-step fallback: 3 x 3 blocks, ragged in units (7 = 3+3+1) and batch (5 = 2+2+1)
     "stepwise_ragged_back_mask": dict(
         B=5, T=5, D=4, H=7, mask=True, state=True, seq=True, back=True, zofm=False,
@@ -103,6 +116,12 @@ for _dt, _acts in (("float32", DENSE_ACTS),
 DENSE_CASES["rank1_softmax"] = dict(shape=(10,), K=13, act="softmax", dtype="float32")
 DENSE_CASES["rank2_K1_sigmoid"] = dict(shape=(7, 6), K=1, act="sigmoid", dtype="float32")
 DENSE_CASES["wide_K_softmax"] = dict(shape=(5, 4), K=40, act="softmax", dtype="float32")
+# the GEMM + bias/activation kernel path (DENSE_GEMM="always"; the tiled Numba GEMM here,
+# cuBLAS through CuPy on a GPU with CuPy)
+for _dt, _acts in (("float32", DENSE_ACTS), ("float64", ["softmax", "log_softmax"])):
+    for _a in _acts:
+        DENSE_CASES[f"gemm_{_dt}_{_a}"] = dict(shape=(2, 5, 6), K=13, act=_a, dtype=_dt,
+                                              gemm=True)
 
 
 def lstm_inputs(name):
@@ -185,7 +204,7 @@ def _worker(out_dir):
     base = _patched(_cuda, SMALL)
     defaults = {k: getattr(_cuda, k) for k in (
         "LSTM_MODE", "THREADS_PER_BLOCK", "HIDDEN_PER_BLOCK", "BATCH_PER_BLOCK",
-        "BATCH_REGISTER_TILE", "MAX_SHARED_BYTES")}
+        "BATCH_REGISTER_TILE", "MAX_SHARED_BYTES", "H_STAGE_BYTES")}
 
     for name, c in LSTM_CASES.items():
         def lstm_case(name=name, c=c):
@@ -220,7 +239,11 @@ def _worker(out_dir):
     for name, c in DENSE_CASES.items():
         def dense_case(name=name, c=c):
             inp = dense_inputs(name)
-            y = _cuda.dense_cuda(inp["x"], inp["W"], inp["b"], c["act"])
+            old = _patched(_cuda, dict(DENSE_GEMM="always" if c.get("gemm") else "auto"))
+            try:
+                y = _cuda.dense_cuda(inp["x"], inp["W"], inp["b"], c["act"])
+            finally:
+                _patched(_cuda, old)
             i = _cuda.argmax_dense_cuda(inp["x"], inp["W"], inp["b"], c["act"])
             arrays[f"{name}/y"], arrays[f"{name}/idx"] = y, i
             return {"types": [type(y).__name__, type(i).__name__]}
@@ -377,6 +400,8 @@ def test_lstm_matches_cpu_and_reference(sim, name, assert_close):
         assert launches.get("lstm_persistent") == 1 and "lstm_step" not in launches
         if "ks" in c:
             assert f"KS={c['ks']}" in reason, reason
+        if "tile" in c:
+            assert c["tile"] in reason, reason
     else:
         assert launches.get("lstm_step") == c["T"] and "lstm_persistent" not in launches
     if "reason" in c:
@@ -420,7 +445,10 @@ def test_forced_persistent_refuses_when_it_cannot_run(sim):
 def test_dense_and_argmax(sim, name, assert_close):
     c = DENSE_CASES[name]
     info = _meta(sim, "dense_" + name)
-    assert info["launches"] == {"dense": 1, "dense_argmax": 1}
+    if c.get("gemm"):
+        assert info["launches"] == {"gemm": 1, "dense_epilogue": 1, "dense_argmax": 1}
+    else:
+        assert info["launches"] == {"dense": 1, "dense_argmax": 1}
     inp = dense_inputs(name)
     y = sim[1][f"{name}/y"]
     idx = sim[1][f"{name}/idx"]

@@ -4,6 +4,8 @@
 linear, softmax (stable), log_softmax (stable), sigmoid, tanh, relu.
 ``dense_argmax(x, W, b, idx, act)``: ``idx[r] = argmax_k act(x @ W + b)[r, k]`` without
 writing any probabilities (or logits) to memory.
+``dense_epilogue(y, b, act)``: ``y = act(y + b)`` in place, for logits ``y = x @ W`` that
+a GEMM library (cuBLAS through CuPy) computed; one thread per row.
 
 Mapping: a block owns ``RB`` consecutive rows (the last block may be ragged); its
 ``nthr`` threads (a power of two) own output columns ``k = kc + tid`` for
@@ -54,16 +56,18 @@ def signatures(np_dtype):
     return {
         "dense": (f[:, ::1], f[:, ::1], f[::1], f[:, ::1], i8),        # x, W, b, y, act
         "argmax": (f[:, ::1], f[:, ::1], f[::1], nbt.int64[::1], i8),  # x, W, b, idx, act
+        "epilogue": (f[:, ::1], f[::1], i8),                            # y, b, act
     }
 
 
 class DenseKernels:
-    def __init__(self, np_dtype, rb, dt, dense, argmax, signatures):
+    def __init__(self, np_dtype, rb, dt, dense, argmax, epilogue, signatures):
         self.dtype = np.dtype(np_dtype)
         self.rb = rb
         self.dt = dt
         self.dense = dense
         self.argmax = argmax
+        self.epilogue = epilogue
         self.signatures = signatures
 
 
@@ -256,6 +260,39 @@ def dense_kernels(np_dtype, rows_per_block=16, k_tile=64):
                 idx[row0 + r] = int(red[nthr])
             cuda.syncthreads()
 
-    ks = DenseKernels(np_dtype, RB, DT, dense_rows, dense_argmax, signatures(np_dtype))
+    def dense_epilogue(y, b, act):
+        # y: [M, K] logits x@W without the bias (from a GEMM), rewritten in place as
+        # act(y + b); b: [K]; act: DENSE_* code.  One thread per row, 1-D grid-stride
+        # loop; softmax/log_softmax subtract the row maximum first (stable).
+        M = y.shape[0]
+        K = y.shape[1]
+        soft = act == DENSE_SOFTMAX or act == DENSE_LOG_SOFTMAX
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < M:
+            if soft:
+                m = NEG_INF
+                for k in range(K):
+                    z = y[i, k] + b[k]
+                    y[i, k] = z
+                    if z > m:
+                        m = z
+                ssum = ZERO
+                for k in range(K):
+                    ssum += math.exp(y[i, k] - m)
+                if act == DENSE_SOFTMAX:
+                    for k in range(K):
+                        y[i, k] = math.exp(y[i, k] - m) / ssum
+                else:
+                    ls = math.log(ssum)
+                    for k in range(K):
+                        y[i, k] = (y[i, k] - m) - ls
+            else:
+                for k in range(K):
+                    y[i, k] = elementwise(act, y[i, k] + b[k])
+            i += stride
+
+    ks = DenseKernels(np_dtype, RB, DT, dense_rows, dense_argmax, dense_epilogue,
+                      signatures(np_dtype))
     _CACHE[key] = ks
     return ks

@@ -98,11 +98,13 @@ def make_act(np_dtype):
 class LSTMKernels:
     """Python kernel functions for one (dtype, RBB), plus their Numba signatures."""
 
-    def __init__(self, np_dtype, rbb, persistent, step, transpose, signatures):
+    def __init__(self, np_dtype, rbb, persistent, step, init_state, transpose,
+                 signatures):
         self.dtype = np.dtype(np_dtype)
         self.rbb = rbb
         self.persistent = persistent
         self.step = step
+        self.init_state = init_state
         self.transpose = transpose
         self.signatures = signatures
 
@@ -119,10 +121,10 @@ def signatures(np_dtype):
     a3 = f[:, :, ::1]
     m2 = nbt.uint8[:, ::1]
     return {
-        # G, Ut, bias, hbuf, c, ylast, out, mask,
-        # HB, KS, Hp, has_mask, go_back, zofm, ret_seq, act, ract
-        "persistent": (a3, a2, a1, a3, a2, a2, a3, m2,
-                       i8, i8, i8, i8, i8, i8, i8, i8, i8),
+        # G, Ut, bias, st, out, mask, h0, c0, geo1, geo2, flags
+        "persistent": (a3, a2, a1, a3, a3, m2, a2, a2, i8, i8, i8),
+        # st, h0, c0, flags
+        "init_state": (a3, a2, a2, i8),
         # G, Ut1, bias, hin, hout, c, ylast, out, mask, s, t,
         # HB, BB, KS, has_mask, zofm, ret_seq, act, ract
         "step": (a3, a1, a1, a2, a2, a2, a2, a3, m2, i8, i8,
@@ -320,24 +322,56 @@ def lstm_kernels(np_dtype, rbb):
                         if ret_seq != 0:
                             out[bb, s, j] = y
 
-    def lstm_persistent(G, Ut, bias, hbuf, c, ylast, out, mask,
-                        HB, KS, Hp, has_mask, go_back, zofm, ret_seq, act, ract):
-        # G: [B, T, 4H]; Ut: [4H, H] (recurrent kernel transposed: Ut[g*H+j, k] =
-        # U[k, g*H+j]); bias: [4H]; hbuf: [2, B, H] (hbuf[0] = h0 on entry);
-        # c: [B, H] (c0 on entry); ylast: [B, H] zeros on entry; out: [B, T, H] or
-        # [1, 1, 1]; mask: [B, T] uint8 or [1, 1].  Grid: ceil(H/HB) blocks, launched
-        # cooperatively; dynamic shared memory 4*HB*Hp (+ 4*RBB*blockDim.x if KS > 1).
+    @cuda.jit(device=True)
+    def stage_h(hin, hs, k0, kt, KTp, tid, nthr):
+        # hs[b*KTp + kk] = hin[b, k0 + kk] for every batch row b and kk < kt (coalesced)
+        # hin: [B, H]; hs: shared, B*KTp values
+        n = hin.shape[0] * kt
+        e = tid
+        while e < n:
+            b = e // kt
+            kk = e - b * kt
+            hs[b * KTp + kk] = hin[b, k0 + kk]
+            e += nthr
+
+    def lstm_persistent(G, Ut, bias, st, out, mask, h0, c0, geo1, geo2, flags):
+        # G: [B, T, 4H] input projection x@W (no bias); Ut: [4H, H] (recurrent kernel
+        # transposed: Ut[g*H+j, k] = U[k, g*H+j]); bias: [4H];
+        # st: [4, B, H] state, written here: st[0], st[1] = h double buffer (step s
+        #     reads st[s % 2], writes st[1 - s % 2]), st[2] = c, st[3] = last output;
+        # out: [B, T, H] or [1, 1, 1]; mask: [B, T] uint8 or [1, 1];
+        # h0, c0: [B, H] initial state, or [1, 1] when absent (zeros);
+        # geo1 = HB | KS << 20 | KT << 40; geo2 = Hp | KTp << 32;
+        # flags = has_mask | go_back << 1 | zofm << 2 | ret_seq << 3 | has_h0 << 4
+        #         | has_c0 << 5 | act << 8 | ract << 16.
+        # Grid: ceil(H/HB) blocks, launched cooperatively; dynamic shared memory
+        # 4*HB*Hp (weights) + B*KTp (h tile) (+ 4*RBB*blockDim.x if KS > 1) values.
         B = G.shape[0]
         T = G.shape[1]
         H = Ut.shape[1]
+        HB = geo1 & 0xFFFFF
+        KS = (geo1 >> 20) & 0xFFFFF
+        KT = geo1 >> 40
+        Hp = geo2 & 0xFFFFFFFF
+        KTp = geo2 >> 32
+        has_mask = flags & 1
+        go_back = (flags >> 1) & 1
+        zofm = (flags >> 2) & 1
+        ret_seq = (flags >> 3) & 1
+        has_h0 = (flags >> 4) & 1
+        has_c0 = (flags >> 5) & 1
+        act = (flags >> 8) & 0xFF
+        ract = (flags >> 16) & 0xFF
         j0 = cuda.blockIdx.x * HB
         nu = min(HB, H - j0)
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
         sm = cuda.shared.array(0, nbdt)
         nus = 4 * HB * Hp
+        nhs = B * KTp
         Us = sm[:nus]
-        red = sm[nus:]
+        hs = sm[nus:nus + nhs]
+        red = sm[nus + nhs:]
         total = 4 * nu * H
         for e in range(tid, total, nthr):
             row = e // H
@@ -345,17 +379,222 @@ def lstm_kernels(np_dtype, rbb):
             g = row // nu
             u = row - g * nu
             Us[(g * HB + u) * Hp + k] = Ut[g * H + j0 + u, k]
+        # initial state of this block's units
+        for e in range(tid, B * nu, nthr):
+            b = e // nu
+            j = j0 + e - b * nu
+            st[0, b, j] = h0[b, j] if has_h0 != 0 else ZERO
+            st[2, b, j] = c0[b, j] if has_c0 != 0 else ZERO
+            st[3, b, j] = ZERO
         cuda.syncthreads()
         grid = cuda.cg.this_grid()
+        grid.sync()
+        part = tid % KS
+        slot = tid // KS
+        nslots = nthr // KS
+        ngrp = (B + RBB - 1) // RBB
+        nitems = ngrp * nu
+        nrounds = (nitems + nslots - 1) // nslots
+        ntiles = (H + KT - 1) // KT
+        last = B - 1
+        ksu = np.uint64(KS)
+        acc = cuda.local.array((4, RBB), nbdt)
+        zin = cuda.local.array((4, RBB), nbdt)
+        c = st[2]
+        ylast = st[3]
         for s in range(T):
             t = s
             if go_back != 0:
                 t = T - 1 - s
             p = s % 2
-            cell_step(s, t, G, bias, Us, Hp, HB, 0, hbuf[p], hbuf[1 - p], c, ylast, out,
-                      mask, j0, nu, 0, B, KS, red, has_mask, zofm, ret_seq, act, ract)
+            hin = st[p]
+            hout = st[1 - p]
+            if ntiles == 1:
+                # the whole h fits: stage it once per step (the grid barrier before
+                # this step also ended every thread's reads of the previous one)
+                stage_h(hin, hs, 0, H, KTp, tid, nthr)
+                cuda.syncthreads()
+            for rnd in range(nrounds):
+                item = rnd * nslots + slot
+                valid = item < nitems
+                u = 0
+                bb0 = 0
+                if valid:
+                    u = item % nu
+                    bb0 = (item // nu) * RBB
+                for g in range(4):
+                    for r in range(RBB):
+                        acc[g, r] = ZERO
+                        zin[g, r] = ZERO
+                if valid and part == 0:
+                    # issued before the dot products so their latency is hidden
+                    j = j0 + u
+                    for r in range(RBB):
+                        bb = min(bb0 + r, last)
+                        for g in range(4):
+                            zin[g, r] = G[bb, t, g * H + j] + bias[g * H + j]
+                for tile in range(ntiles):
+                    k0 = tile * KT
+                    kt = min(KT, H - k0)
+                    if ntiles > 1:
+                        cuda.syncthreads()
+                        stage_h(hin, hs, k0, kt, KTp, tid, nthr)
+                        cuda.syncthreads()
+                    if valid:
+                        w0 = Us[u * Hp + k0:u * Hp + k0 + kt]
+                        w1 = Us[(HB + u) * Hp + k0:(HB + u) * Hp + k0 + kt]
+                        w2 = Us[(2 * HB + u) * Hp + k0:(2 * HB + u) * Hp + k0 + kt]
+                        w3 = Us[(3 * HB + u) * Hp + k0:(3 * HB + u) * Hp + k0 + kt]
+                        ku = np.uint64(kt)
+                        k = np.uint64(part)
+                        if RBB == 1:
+                            hr = hs[bb0 * KTp:bb0 * KTp + kt]
+                            a0 = acc[0, 0]
+                            a1 = acc[1, 0]
+                            a2 = acc[2, 0]
+                            a3 = acc[3, 0]
+                            while k < ku:
+                                hk = hr[k]
+                                a0 += hk * w0[k]
+                                a1 += hk * w1[k]
+                                a2 += hk * w2[k]
+                                a3 += hk * w3[k]
+                                k += ksu
+                            acc[0, 0] = a0
+                            acc[1, 0] = a1
+                            acc[2, 0] = a2
+                            acc[3, 0] = a3
+                        else:
+                            # RBB == 4; rows past the batch end reuse row B-1 (discarded)
+                            o0 = min(bb0, last) * KTp
+                            o1 = min(bb0 + 1, last) * KTp
+                            o2 = min(bb0 + 2, last) * KTp
+                            o3 = min(bb0 + 3, last) * KTp
+                            h0r = hs[o0:o0 + kt]
+                            h1r = hs[o1:o1 + kt]
+                            h2r = hs[o2:o2 + kt]
+                            h3r = hs[o3:o3 + kt]
+                            a00 = acc[0, 0]
+                            a01 = acc[0, 1]
+                            a02 = acc[0, 2]
+                            a03 = acc[0, 3]
+                            a10 = acc[1, 0]
+                            a11 = acc[1, 1]
+                            a12 = acc[1, 2]
+                            a13 = acc[1, 3]
+                            a20 = acc[2, 0]
+                            a21 = acc[2, 1]
+                            a22 = acc[2, 2]
+                            a23 = acc[2, 3]
+                            a30 = acc[3, 0]
+                            a31 = acc[3, 1]
+                            a32 = acc[3, 2]
+                            a33 = acc[3, 3]
+                            while k < ku:
+                                x0 = w0[k]
+                                x1 = w1[k]
+                                x2 = w2[k]
+                                x3 = w3[k]
+                                hk = h0r[k]
+                                a00 += hk * x0
+                                a10 += hk * x1
+                                a20 += hk * x2
+                                a30 += hk * x3
+                                hk = h1r[k]
+                                a01 += hk * x0
+                                a11 += hk * x1
+                                a21 += hk * x2
+                                a31 += hk * x3
+                                hk = h2r[k]
+                                a02 += hk * x0
+                                a12 += hk * x1
+                                a22 += hk * x2
+                                a32 += hk * x3
+                                hk = h3r[k]
+                                a03 += hk * x0
+                                a13 += hk * x1
+                                a23 += hk * x2
+                                a33 += hk * x3
+                                k += ksu
+                            acc[0, 0] = a00
+                            acc[0, 1] = a01
+                            acc[0, 2] = a02
+                            acc[0, 3] = a03
+                            acc[1, 0] = a10
+                            acc[1, 1] = a11
+                            acc[1, 2] = a12
+                            acc[1, 3] = a13
+                            acc[2, 0] = a20
+                            acc[2, 1] = a21
+                            acc[2, 2] = a22
+                            acc[2, 3] = a23
+                            acc[3, 0] = a30
+                            acc[3, 1] = a31
+                            acc[3, 2] = a32
+                            acc[3, 3] = a33
+                if KS > 1:
+                    for g in range(4):
+                        for r in range(RBB):
+                            red[(g * RBB + r) * nthr + tid] = acc[g, r]
+                    cuda.syncthreads()
+                    w = KS // 2
+                    while w > 0:
+                        if part < w:
+                            for q in range(4 * RBB):
+                                red[q * nthr + tid] += red[q * nthr + tid + w]
+                        cuda.syncthreads()
+                        w //= 2
+                    if part == 0:
+                        for g in range(4):
+                            for r in range(RBB):
+                                acc[g, r] = red[(g * RBB + r) * nthr + tid]
+                    cuda.syncthreads()
+                if valid and part == 0:
+                    j = j0 + u
+                    for r in range(RBB):
+                        bb = bb0 + r
+                        if bb < B:
+                            on = True
+                            if has_mask != 0:
+                                on = mask[bb, t] != 0
+                            if on:
+                                ig = act_fn(ract, acc[0, r] + zin[0, r])
+                                fg = act_fn(ract, acc[1, r] + zin[1, r])
+                                og = act_fn(ract, acc[3, r] + zin[3, r])
+                                cn = fg * c[bb, j] + ig * act_fn(act, acc[2, r] + zin[2, r])
+                                hn = og * act_fn(act, cn)
+                                c[bb, j] = cn
+                                hout[bb, j] = hn
+                                y = hn
+                            else:
+                                hout[bb, j] = hin[bb, j]
+                                if zofm != 0:
+                                    y = ZERO
+                                else:
+                                    y = ylast[bb, j]
+                            ylast[bb, j] = y
+                            if ret_seq != 0:
+                                out[bb, s, j] = y
             if s + 1 < T:
                 grid.sync()
+
+    def init_state(st, h0, c0, flags):
+        # st: [4, B, H] <- (h0 or 0, anything, c0 or 0, 0) for the per-step kernel;
+        # h0, c0: [B, H] or [1, 1]; flags as in lstm_persistent (bits 4, 5 used).
+        # 1-D grid-stride loop over B*H.
+        B = st.shape[1]
+        H = st.shape[2]
+        has_h0 = (flags >> 4) & 1
+        has_c0 = (flags >> 5) & 1
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < B * H:
+            b = i // H
+            j = i - b * H
+            st[0, b, j] = h0[b, j] if has_h0 != 0 else ZERO
+            st[2, b, j] = c0[b, j] if has_c0 != 0 else ZERO
+            st[3, b, j] = ZERO
+            i += stride
 
     def lstm_step(G, Ut1, bias, hin, hout, c, ylast, out, mask, s, t,
                   HB, BB, KS, has_mask, zofm, ret_seq, act, ract):
@@ -386,7 +625,7 @@ def lstm_kernels(np_dtype, rbb):
             AT[cc, rr] = A[rr, cc]
             i += stride
 
-    ks = LSTMKernels(np_dtype, RBB, lstm_persistent, lstm_step, transpose,
+    ks = LSTMKernels(np_dtype, RBB, lstm_persistent, lstm_step, init_state, transpose,
                      signatures(np_dtype))
     _CACHE[key] = ks
     return ks
