@@ -321,24 +321,35 @@ def tuning(ctx, T, K, args):
     out = []
     H = 5 if args.dry_run else 1024
     rng = np.random.default_rng(3)
-    W, U, b = make_weights(rng, H, H)
     s = 1.0 / np.sqrt(H)
     Wd = rng.uniform(-4 * s, 4 * s, (H, K)).astype(np.float32)
     bd = np.zeros(K, np.float32)
-    lstm_grid = [(B, tpb, bps) for B in ((3,) if args.dry_run else (1, 64, 256))
-                 for tpb, bps in (((16, 1),) if args.dry_run
-                                  else ((256, 1), (256, 2), (128, 1)))]
-    for B, tpb, bps in lstm_grid:
+    KB = 1024
+    lstm_grid = ([(3, 5, {"THREADS_PER_BLOCK": 16})] if args.dry_run else [
+        (1, 1024, {"THREADS_PER_BLOCK": 256, "PERSISTENT_BLOCKS_PER_SM": 1}),
+        (1, 1024, {"THREADS_PER_BLOCK": 256, "PERSISTENT_BLOCKS_PER_SM": 2}),
+        (1, 1024, {"THREADS_PER_BLOCK": 128, "PERSISTENT_BLOCKS_PER_SM": 1}),
+        (8, 1024, {"H_STAGE_BYTES": 0}),
+        (8, 1024, {"H_STAGE_BYTES": 48 * KB}),
+        (64, 256, {"H_STAGE_BYTES": 0}),
+        (64, 256, {"H_STAGE_BYTES": 96 * KB}),
+        (256, 1024, {"PERSISTENT_BLOCKS_PER_SM": 1}),
+        (256, 1024, {"PERSISTENT_BLOCKS_PER_SM": 2})])
+    weights = {}
+    for B, HH, tun in lstm_grid:
         if time.perf_counter() > args.deadline:
             out.append({"what": "lstm", "B": B, "error": "skipped: time budget"})
             continue
-        r = {"what": "lstm", "B": B, "H": H, "THREADS_PER_BLOCK": tpb,
-             "PERSISTENT_BLOCKS_PER_SM": bps}
-        old = (_cuda.THREADS_PER_BLOCK, _cuda.PERSISTENT_BLOCKS_PER_SM)
+        r = {"what": "lstm", "B": B, "H": HH, **tun}
+        old = {k: getattr(_cuda, k) for k in tun}
         try:
-            _cuda.THREADS_PER_BLOCK, _cuda.PERSISTENT_BLOCKS_PER_SM = tpb, bps
-            xd = ctx.to_dev(rng.standard_normal((B, T, H)).astype(np.float32))
-            f = lambda: fastseq.lstm(xd, W, U, b, return_sequences=True,  # noqa: E731
+            for k, v in tun.items():
+                setattr(_cuda, k, v)
+            if HH not in weights:
+                weights[HH] = make_weights(rng, HH, HH)
+            Wt, Ut, bt = weights[HH]
+            xd = ctx.to_dev(rng.standard_normal((B, T, HH)).astype(np.float32))
+            f = lambda: fastseq.lstm(xd, Wt, Ut, bt, return_sequences=True,  # noqa: E731
                                      device="cuda")
             f()
             r["path"] = " ".join(_cuda.last_lstm_path)
@@ -346,31 +357,39 @@ def tuning(ctx, T, K, args):
         except Exception as exc:
             r["error"] = f"{type(exc).__name__}: {exc}"[:300]
         finally:
-            _cuda.THREADS_PER_BLOCK, _cuda.PERSISTENT_BLOCKS_PER_SM = old
+            for k, v in old.items():
+                setattr(_cuda, k, v)
         out.append(r)
     Bd = 3 if args.dry_run else 256
     y = ctx.to_dev(rng.standard_normal((Bd, T, H)).astype(np.float32))
-    for rb in ((4,) if args.dry_run else (8, 16, 32)):
-        for tpb in ((8,) if args.dry_run else (64, 128)):
-            if time.perf_counter() > args.deadline:
-                out.append({"what": "dense", "error": "skipped: time budget"})
-                continue
-            r = {"what": "dense_softmax", "rows": Bd * T, "H": H, "K": K,
-                 "DENSE_ROWS_PER_BLOCK": rb, "DENSE_THREADS_PER_BLOCK": tpb}
-            old = (_cuda.DENSE_ROWS_PER_BLOCK, _cuda.DENSE_THREADS_PER_BLOCK)
-            try:
-                _cuda.DENSE_ROWS_PER_BLOCK, _cuda.DENSE_THREADS_PER_BLOCK = rb, tpb
-                f = lambda: fastseq.dense(y, Wd, bd, activation="softmax",  # noqa: E731
-                                          device="cuda")
-                f()
-                t = ctx.bench(f, min_time=0.15, max_reps=20)
-                r["ms"] = 1e3 * t
-                r["GBps"] = 4 * (Bd * T * H + H * K + K + Bd * T * K) / t / 1e9
-            except Exception as exc:
-                r["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            finally:
-                _cuda.DENSE_ROWS_PER_BLOCK, _cuda.DENSE_THREADS_PER_BLOCK = old
-            out.append(r)
+    dense_grid = ([{"DENSE_GEMM": "never", "DENSE_ROWS_PER_BLOCK": 4,
+                    "DENSE_THREADS_PER_BLOCK": 8}] if args.dry_run else
+                  [{"DENSE_GEMM": "auto"}, {"DENSE_GEMM": "always"},
+                   {"DENSE_GEMM": "never", "DENSE_ROWS_PER_BLOCK": 16,
+                    "DENSE_THREADS_PER_BLOCK": 64},
+                   {"DENSE_GEMM": "never", "DENSE_ROWS_PER_BLOCK": 32,
+                    "DENSE_THREADS_PER_BLOCK": 64}])
+    for tun in dense_grid:
+        if time.perf_counter() > args.deadline:
+            out.append({"what": "dense", "error": "skipped: time budget"})
+            continue
+        r = {"what": "dense_softmax", "rows": Bd * T, "H": H, "K": K, **tun}
+        old = {k: getattr(_cuda, k) for k in tun}
+        try:
+            for k, v in tun.items():
+                setattr(_cuda, k, v)
+            f = lambda: fastseq.dense(y, Wd, bd, activation="softmax",  # noqa: E731
+                                      device="cuda")
+            f()
+            t = ctx.bench(f, min_time=0.15, max_reps=20)
+            r["ms"] = 1e3 * t
+            r["GBps"] = 4 * (Bd * T * H + H * K + K + Bd * T * K) / t / 1e9
+        except Exception as exc:
+            r["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            for k, v in old.items():
+                setattr(_cuda, k, v)
+        out.append(r)
     return out
 
 

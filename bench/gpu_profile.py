@@ -151,6 +151,22 @@ def main():
             sync()
             print(f"empty kernel, {name}: {1e6 * (time.perf_counter() - t0) / n:.1f} us "
                   "per launch (queued)")
+        if not dry:
+            ov = next(iter(k17.overloads.values()))
+            a17 = [a3, a2, a1, a3, a2, a2, a3, m2, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+            ov.launch(a17, (1, 1, 1), (32, 1, 1), 0, 0)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                ov.launch(a17, (1, 1, 1), (32, 1, 1), 0, 0)
+            sync()
+            print(f"empty kernel, 17 args, overload.launch directly: "
+                  f"{1e6 * (time.perf_counter() - t0) / n:.1f} us per launch (queued)")
+            t = median_time(lambda: cuda.get_current_device(), sync, reps)
+            print(f"cuda.get_current_device: {1e6 * t:.1f} us")
+            big = cuda.device_array(1 << 16, np.float32)
+            t = median_time(lambda: big[:4096].reshape(64, 64), sync, reps)
+            print(f"numba slice + reshape: {1e6 * t:.1f} us")
         d = cuda.device_array((64, 64), np.float32)
         t = median_time(lambda: cuda.device_array((64, 64), np.float32), sync, reps)
         print(f"cuda.device_array: {1e6 * t:.1f} us")
@@ -189,7 +205,7 @@ def main():
             rbb = 4 if B >= _cuda.RBB_MIN_BATCH else 1
             kp, sig = _cuda._lstm_kernel(cuda, "persistent", dt, rbb)
             plan = _cuda._persistent_plan(cuda, kp, sig, B, H, 4, tpb, rbb)
-            hb, ks, hp, kt, ktp, ptpb, smem, nblk = plan
+            hb, ks, hp, hs, ptpb, smem, nblk = plan
             from fastseq.kernels.activations import ACTIVATION_CODES as AC
             flags = 1 << 3 | AC["tanh"] << 8 | AC["sigmoid"] << 16
             d11 = cuda.to_device(np.zeros((1, 1), np.float32))
@@ -203,8 +219,7 @@ def main():
 
                 def launch():
                     kp[nblk, ptpb, 0, smem](G, wts.Ut, wts.b, st, out, m, d11, d11,
-                                            hb | ks << 20 | kt << 40, hp | ktp << 32,
-                                            flags)
+                                            hb | ks << 20 | hp << 40, hs, flags)
                 res[TT] = median_time(launch, sync, reps)
                 nq = 3 if dry else 50
                 launch()
@@ -219,7 +234,7 @@ def main():
                       f"{1e6 * t_q:.1f} us host per launch, {1e3 * t_all:.3f} ms per launch")
             per_step = (res[T] - res[1]) / max(1, T - 1)
             print(f"B={B} H={H}: plan {nblk} blocks x {ptpb}, HB={hb}, KS={ks}, RBB={rbb}, "
-                  f"KT={kt}, smem {smem}; per step {1e6 * per_step:.2f} us; whole fastseq.lstm "
+                  f"Hs={hs}, smem {smem}; per step {1e6 * per_step:.2f} us; whole fastseq.lstm "
                   f"{1e3 * t_call:.3f} ms; kernel T={T} {1e3 * res[T]:.3f} ms")
             if cupy is not None:
                 xm = cupy.asarray(x.reshape(B * T, D))
@@ -235,15 +250,18 @@ def main():
                 with torch.inference_mode():
                     t = median_time(lambda: mt(xt), torch.cuda.synchronize, reps)
                 print(f"  torch cuDNN fp32: {1e3 * t:.3f} ms")
+            if (B, H, T) != configs[0]:
+                continue
             pr = cProfile.Profile()
             pr.enable()
             for _ in range(3 if dry else 30):
                 fs()
                 sync()
             pr.disable()
-            s = io.StringIO()
-            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
-            print("\n".join(s.getvalue().splitlines()[:40]))
+            for key in ("tottime", "cumulative"):
+                s = io.StringIO()
+                pstats.Stats(pr, stream=s).sort_stats(key).print_stats(22)
+                print("\n".join(ln[:150] for ln in s.getvalue().splitlines()[:40]))
 
     section("3. persistent kernel alone, whole call, cProfile", kernel_alone)
 
@@ -274,6 +292,8 @@ def main():
                 print(f"  cupy matmul alone {1e3 * t:.3f} ms")
                 t = median_time(cp, sync, reps)
                 print(f"  cupy matmul + softmax {1e3 * t:.3f} ms")
+            if rows > 1000:
+                continue
             pr = cProfile.Profile()
             pr.enable()
             for _ in range(3 if dry else 30):
@@ -281,8 +301,8 @@ def main():
                 sync()
             pr.disable()
             s = io.StringIO()
-            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(10)
-            print("\n".join(s.getvalue().splitlines()[:30]))
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(15)
+            print("\n".join(ln[:150] for ln in s.getvalue().splitlines()[:30]))
 
     section("4. dense", dense)
 

@@ -51,10 +51,10 @@ LSTM_MODE = "auto"
 # Cap on dynamic shared memory per block in bytes; None = the device's opt-in maximum.
 MAX_SHARED_BYTES = None
 # Persistent kernel: at most this many threads share one item's dot products (power of
-# two), and the h rows staged in shared memory per step take at most this many bytes
-# (whole rows when they fit, else tiles of KT columns).
+# two); h is copied to shared memory at each step when all of it takes at most
+# H_STAGE_BYTES (else the dot products read it from global memory).
 MAX_THREADS_PER_ITEM = 32
-H_STAGE_BYTES = 80 * 1024
+H_STAGE_BYTES = 48 * 1024
 # Input projections up to this size reuse one cached device buffer per dtype (larger
 # ones are allocated per call).
 WORKSPACE_CACHE_BYTES = 64 * 1024 * 1024
@@ -318,21 +318,16 @@ def _pad_rows(H, ks):
     return H + ((ks - H) % 32)
 
 
-def _h_tile(B, H, itemsize, budget):
-    """(KT, KTp): columns of h staged per tile and the (odd) row stride in shared
-    memory; KT = H when all of h fits in ``budget`` bytes, else a multiple of 32 (or
-    fewer than 32 columns when even that does not fit)."""
-    if B * (H + 1) * itemsize <= budget:
-        kt = H
-    else:
-        cap = max(1, budget // (B * itemsize) - 1)
-        kt = min(H, cap - cap % 32 if cap >= 32 else cap)
-    return kt, kt + 1 - kt % 2
+def _h_stride(B, H, itemsize, budget):
+    """Row stride (odd, >= H) of h staged in shared memory each step, or 0 when h is
+    read from global memory instead (B*H values do not fit in ``budget`` bytes)."""
+    hs = H + 1 - H % 2
+    return hs if B * hs * itemsize <= budget else 0
 
 
 def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb_max, rbb):
-    """(HB, KS, Hp, KT, KTp, threads, smem_bytes, nblocks) for the persistent kernel, or
-    (None, reason)."""
+    """(HB, KS, Hp, Hs, threads, smem_bytes, nblocks) for the persistent kernel, or
+    (None, reason); Hs = 0 when h is not staged in shared memory."""
     key = (B, H, itemsize, tpb_max, rbb, HIDDEN_PER_BLOCK, PERSISTENT_BLOCKS_PER_SM,
            MAX_SHARED_BYTES, MAX_THREADS_PER_ITEM, H_STAGE_BYTES, id(kernel))
     hit = _PLAN_CACHE.get(key)
@@ -358,9 +353,9 @@ def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb_max, rbb):
         tpb = min(tpb_max, max(min(32, tpb_max), _pow2ceil(nitems * ks)))
         hp = _pad_rows(H, ks)
         fixed = itemsize * (4 * hb * hp + (4 * rbb * tpb if ks > 1 else 0))
-        # narrower h tiles when the weights leave too little room
-        kt, ktp = _h_tile(B, H, itemsize, min(int(H_STAGE_BYTES), max(0, limit - fixed)))
-        smem = fixed + itemsize * B * ktp
+        # h staged in shared memory when it is small and fits beside the weights
+        hs = _h_stride(B, H, itemsize, min(int(H_STAGE_BYTES), max(0, limit - fixed)))
+        smem = fixed + itemsize * B * hs
         if smem > limit:
             result = (None, f"the recurrent weight slice for {hb} hidden units and the "
                             f"staged h need {smem} bytes of shared memory, more than the "
@@ -374,7 +369,7 @@ def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb_max, rbb):
                             f"({type(exc).__name__}: {exc})")
             break
         if nblk <= maxb:
-            result = (hb, ks, hp, kt, ktp, tpb, smem, nblk)
+            result = (hb, ks, hp, hs, tpb, smem, nblk)
             break
         result = (None, f"a cooperative grid of {nblk} blocks ({hb} hidden units each, "
                         f"{smem} bytes of shared memory) cannot be co-resident "
@@ -440,10 +435,10 @@ def _device_key(cuda):
         return 0
 
 
-def _dummy(cuda, shape, dt):
+def _dummy(cuda, shape, dt, dev=None):
     """A small constant device array (zeros) for arguments a kernel does not read;
-    made once per device."""
-    key = (_device_key(cuda), np.dtype(dt).str, shape)
+    made once per device (``dev``: the current device's id, when known)."""
+    key = (_device_key(cuda) if dev is None else dev, np.dtype(dt).str, shape)
     d = _DUMMIES.get(key)
     if d is None:
         d = cuda.to_device(np.zeros(shape, dt))
@@ -451,28 +446,36 @@ def _dummy(cuda, shape, dt):
     return d
 
 
-def _workspace(cuda, n, dt):
-    """(numba, cupy or None) flat device arrays of n values of dtype dt.  Sizes up to
-    WORKSPACE_CACHE_BYTES come from one grow-only buffer per (device, dtype): the
+def _workspace(cuda, shape, dt, dev):
+    """(numba, cupy or None) C-contiguous device arrays of ``shape`` and dtype ``dt``
+    (the CuPy one only when CuPy may be used).  Sizes up to WORKSPACE_CACHE_BYTES are
+    views of one grow-only buffer per (device, dtype), the views cached per shape: the
     caller must hold _WS_LOCK until its last use of the buffer is enqueued (every
     kernel runs on the default stream, so later users wait for it)."""
     dt = np.dtype(dt)
     cupy = _cupy()
+    n = int(np.prod(shape))
     if n * dt.itemsize > int(WORKSPACE_CACHE_BYTES):
         if cupy is not None:
-            c = cupy.empty(n, dt)
+            c = cupy.empty(shape, dt)
             return cuda.as_cuda_array(c, sync=False), c
-        return cuda.device_array(n, dtype=dt), None
-    key = (_device_key(cuda), dt.str)
+        return cuda.device_array(shape, dtype=dt), None
+    key = (dev, dt.str)
     ent = _WS.get(key)
-    if ent is None or ent[0].shape[0] < n:
-        size = max(n, 2 * ent[0].shape[0] if ent is not None else 0)
+    if ent is None or ent["size"] < n:
+        size = max(n, 2 * ent["size"] if ent is not None else 0)
         size = max(n, min(size, int(WORKSPACE_CACHE_BYTES) // dt.itemsize))
-        d = cuda.device_array(size, dtype=dt)
-        ent = (d, cupy.asarray(d) if cupy is not None else None)
+        ent = {"size": size, "buf": cuda.device_array(size, dtype=dt), "views": {}}
         _WS[key] = ent
-    d, c = ent
-    return d[:n], (c[:n] if c is not None else None)
+    views = ent["views"]
+    v = views.get((shape, cupy is not None))
+    if v is None:
+        d = ent["buf"][:n].reshape(shape)
+        v = (d, cupy.asarray(d) if cupy is not None else None)
+        if len(views) > 64:
+            views.clear()
+        views[(shape, cupy is not None)] = v
+    return v
 
 
 def release_workspace():
@@ -637,9 +640,10 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     else:
         xd = _to_dev(cuda, x, dt, "x")
     B, T, D = (int(n) for n in xd.shape)
+    dev = _device_key(cuda)
     if weights is None:
         H = int(U.shape[0])
-        bias = _dummy(cuda, (4 * H,), dt) if b is None else _weight(cuda, b, dt)
+        bias = _dummy(cuda, (4 * H,), dt, dev) if b is None else _weight(cuda, b, dt)
         weights = LSTMWeights(_weight(cuda, W, dt), _weight(cuda, U, dt, transpose=True),
                               bias, dt)
     elif weights.dtype != dt:
@@ -650,23 +654,20 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     if weights.D != D:
         raise ValueError(f"lstm: `kernel` must have shape [D, 4H] = ({D}, {G4}), got "
                          f"({weights.D}, {int(weights.W.shape[1])})")
-    h0d = _dummy(cuda, (1, 1), dt) if h0 is None else _to_dev(cuda, h0, dt, "state")
-    c0d = _dummy(cuda, (1, 1), dt) if c0 is None else _to_dev(cuda, c0, dt, "state")
+    h0d = _dummy(cuda, (1, 1), dt, dev) if h0 is None else _to_dev(cuda, h0, dt, "state")
+    c0d = _dummy(cuda, (1, 1), dt, dev) if c0 is None else _to_dev(cuda, c0, dt, "state")
     flags = (int(mask is not None) | int(bool(go_backwards)) << 1
              | int(bool(zero_output_for_mask)) << 2 | int(bool(return_sequences)) << 3
              | int(h0 is not None) << 4 | int(c0 is not None) << 5
              | a_code << 8 | r_code << 16)
-    # one allocation for everything returned: the sequence (if asked) and the state
-    # st [4, B, H] (h double buffer, c, last output)
-    nseq = B * T * H if return_sequences else 0
-    buf = cuda.device_array(nseq + 4 * B * H, dtype=dt)
-    st = buf[nseq:].reshape(4, B, H)
-    out = buf[:nseq].reshape(B, T, H) if return_sequences else _dummy(cuda, (1, 1, 1), dt)
+    # what is returned: the sequence (if asked) and the state st [4, B, H] (h double
+    # buffer, c, last output)
+    res, st, out = _lstm_alloc(cuda, cupy, kind, B, T, H, return_sequences, dt, dev)
     if B == 0 or T == 0:
         if B * H:
             _launch_init_state(cuda, dt, st, h0d, c0d, flags)
-        return _lstm_outputs(buf, nseq, B, T, H, 0, return_sequences, kind)
-    maskd = _dummy(cuda, (1, 1), np.uint8) if mask is None else _mask_dev(cuda, mask)
+        return _lstm_outputs(res, 0, return_sequences)
+    maskd = _dummy(cuda, (1, 1), np.uint8, dev) if mask is None else _mask_dev(cuda, mask)
 
     tpb = _pow2floor(THREADS_PER_BLOCK)
     if BATCH_REGISTER_TILE is not None:
@@ -681,14 +682,13 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
         raise ValueError(f"LSTM_MODE must be 'auto', 'persistent' or 'stepwise', got {mode!r}")
 
     with _WS_LOCK:
-        Gd, Gc = _workspace(cuda, B * T * G4, dt)
-        if Gc is not None:
+        G3, Gc = _workspace(cuda, (B, T, G4), dt, dev)
+        if Gc is not None and cupy is not None:
             cupy.matmul(cupy.asarray(xd).reshape(B * T, D), _as_cupy(cupy, weights.W),
                         out=Gc.reshape(B * T, G4))
             LAUNCHES["cupy_gemm"] += 1
         else:
-            _matmul(cuda, xd.reshape(B * T, D), weights.W, Gd.reshape(B * T, G4))
-        G3 = Gd.reshape(B, T, G4)
+            _matmul(cuda, xd.reshape(B * T, D), weights.W, G3.reshape(B * T, G4))
         reason = "LSTM_MODE='stepwise'"
         if mode != "stepwise":
             try:
@@ -700,17 +700,17 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
                 plan = (None, f"the persistent kernel is unavailable "
                               f"({type(exc).__name__}: {exc})")
             if plan[0] is not None:
-                hb, ks, hp, kt, ktp, ptpb, smem, nblk = plan
+                hb, ks, hp, hs, ptpb, smem, nblk = plan
                 try:
                     kp[nblk, ptpb, 0, smem](G3, weights.Ut, weights.b, st, out, maskd,
-                                            h0d, c0d, hb | ks << 20 | kt << 40,
-                                            hp | ktp << 32, flags)
+                                            h0d, c0d, hb | ks << 20 | hp << 40, hs, flags)
                     LAUNCHES["lstm_persistent"] += 1
                     last_lstm_path = ("persistent",
                                       f"{nblk} blocks x {ptpb} threads, {hb} hidden units "
-                                      f"per block, KS={ks}, RBB={rbb}, h tile {kt} of "
-                                      f"{H}, {smem} bytes shared")
-                    return _lstm_outputs(buf, nseq, B, T, H, T, return_sequences, kind)
+                                      f"per block, KS={ks}, RBB={rbb}, h "
+                                      f"{'staged in shared memory' if hs else 'from global memory'}"
+                                      f", {smem} bytes shared")
+                    return _lstm_outputs(res, T, return_sequences)
                 except Exception as exc:
                     if mode == "persistent":
                         raise
@@ -748,7 +748,7 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
                                     a_code, r_code)
         LAUNCHES["lstm_step"] += T
     last_lstm_path = ("stepwise", reason)
-    return _lstm_outputs(buf, nseq, B, T, H, T, return_sequences, kind)
+    return _lstm_outputs(res, T, return_sequences)
 
 
 def _launch_init_state(cuda, dt, st, h0d, c0d, flags):
@@ -758,17 +758,40 @@ def _launch_init_state(cuda, dt, st, h0d, c0d, flags):
     LAUNCHES["init_state"] += 1
 
 
-def _lstm_outputs(buf, nseq, B, T, H, steps, return_sequences, kind):
-    """(out, hT, cT) from the call's single buffer: [sequence | st (4, B, H)]."""
-    if kind == "host":
-        a = buf.copy_to_host()
-    elif kind == "cupy":
-        import cupy
-        a = cupy.asarray(buf)
+def _lstm_alloc(cuda, cupy, kind, B, T, H, return_sequences, dt, dev):
+    """(res, st, out): the arrays a call returns, as ``res`` for _lstm_outputs, and the Numba views the kernels write: st [4, B, H], out
+    [B, T, H] (a dummy without return_sequences).  CuPy in -> CuPy arrays from CuPy's
+    pool; else one Numba allocation for both."""
+    if kind == "cupy" and cupy is not None:
+        stc = cupy.empty((4, B, H), dt)
+        outc = cupy.empty((B, T, H), dt) if return_sequences else None
+        st = _numba_view(cuda, stc)
+        out = _numba_view(cuda, outc) if return_sequences \
+            else _dummy(cuda, (1, 1, 1), dt, dev)
+        return ("pool", outc, stc), st, out
+    nseq = B * T * H if return_sequences else 0
+    buf = cuda.device_array(nseq + 4 * B * H, dtype=dt)
+    st = buf[nseq:].reshape(4, B, H)
+    out = buf[:nseq].reshape(B, T, H) if return_sequences \
+        else _dummy(cuda, (1, 1, 1), dt, dev)
+    return (kind, buf, (nseq, B, T, H)), st, out
+
+
+def _lstm_outputs(res, steps, return_sequences):
+    """(out, hT, cT) from _lstm_alloc's ``res`` after ``steps`` steps."""
+    kind, a, b = res
+    if kind == "pool":
+        seq, st = a, b
     else:
-        a = buf
-    st = a[nseq:].reshape(4, B, H)
-    out = a[:nseq].reshape(B, T, H) if return_sequences else st[3]
+        nseq, B, T, H = b
+        if kind == "host":
+            a = a.copy_to_host()
+        elif kind == "cupy":
+            import cupy
+            a = cupy.asarray(a)
+        st = a[nseq:].reshape(4, B, H)
+        seq = a[:nseq].reshape(B, T, H) if return_sequences else None
+    out = seq if return_sequences else st[3]
     return out, st[steps % 2], st[2]
 
 

@@ -39,7 +39,8 @@ LSTM_CASES = {
     # persistent kernel, one block, 2 rounds of items (18 items, 16 threads, KS=1)
     "persistent_mask_states_seq": dict(
         B=3, T=5, D=4, H=6, mask=True, state=True, seq=True, back=False, zofm=False,
-        tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=16), path="persistent"),
+        tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=16), path="persistent",
+        staged=True),
     # persistent, several threads per item (KS=2) and a batch register tile of 4 with a
     # ragged tail (B=3), backwards, zero_output_for_mask
     "persistent_ks2_rbb4_back_zofm": dict(
@@ -50,19 +51,27 @@ LSTM_CASES = {
     "persistent_ks4_plain_last": dict(
         B=1, T=4, D=3, H=4, mask=False, state=False, seq=False, back=False, zofm=False,
         tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=32), path="persistent", ks=4),
-    # persistent, h staged in tiles of 1 column (H_STAGE_BYTES tiny), 2 rounds of items
-    # (35 items, 32 threads), mask, states, backwards
-    "persistent_h_tiles_rounds": dict(
+    # persistent, h read from global memory (H_STAGE_BYTES below B*H), 2 rounds of
+    # items (35 items, 32 threads): c and inputs reloaded per round; mask, states,
+    # backwards
+    "persistent_h_global_rounds": dict(
         B=5, T=4, D=3, H=7, mask=True, state=True, seq=True, back=True, zofm=False,
         tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=32, H_STAGE_BYTES=16),
-        path="persistent", tile="h tile 1 of 7"),
-    # the same with a register tile of 4 (2 ragged groups x 7 units = 14 items, KS=1)
-    # and tiles of 3 columns (ragged last tile), zero_output_for_mask, last output only
-    "persistent_h_tiles_rbb4": dict(
+        path="persistent", staged=False),
+    # h from global memory, register tile of 4 (2 groups, the second ragged, x 7 units =
+    # 14 items, 8 threads: 2 rounds), zero_output_for_mask, last output only
+    "persistent_h_global_rbb4": dict(
         B=5, T=5, D=3, H=7, mask=True, state=True, seq=False, back=False, zofm=True,
         tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=8, BATCH_REGISTER_TILE=4,
-                 H_STAGE_BYTES=80),
-        path="persistent", tile="h tile 3 of 7"),
+                 H_STAGE_BYTES=16),
+        path="persistent", staged=False),
+    # h from global memory with one round (14 items, 16 threads): the owner keeps c and
+    # the last output in registers and loads the next step's inputs before the barrier
+    "persistent_h_global_single_round": dict(
+        B=5, T=5, D=3, H=7, mask=True, state=True, seq=True, back=True, zofm=False,
+        tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=16, BATCH_REGISTER_TILE=4,
+                 H_STAGE_BYTES=16),
+        path="persistent", staged=False),
     # per-step fallback: 3 x 3 blocks, ragged in units (7 = 3+3+1) and batch (5 = 2+2+1)
     "stepwise_ragged_back_mask": dict(
         B=5, T=5, D=4, H=7, mask=True, state=True, seq=True, back=True, zofm=False,
@@ -400,8 +409,9 @@ def test_lstm_matches_cpu_and_reference(sim, name, assert_close):
         assert launches.get("lstm_persistent") == 1 and "lstm_step" not in launches
         if "ks" in c:
             assert f"KS={c['ks']}" in reason, reason
-        if "tile" in c:
-            assert c["tile"] in reason, reason
+        if "staged" in c:
+            want = "h staged in shared memory" if c["staged"] else "h from global memory"
+            assert want in reason, reason
     else:
         assert launches.get("lstm_step") == c["T"] and "lstm_persistent" not in launches
     if "reason" in c:

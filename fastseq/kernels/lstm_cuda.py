@@ -121,7 +121,7 @@ def signatures(np_dtype):
     a3 = f[:, :, ::1]
     m2 = nbt.uint8[:, ::1]
     return {
-        # G, Ut, bias, st, out, mask, h0, c0, geo1, geo2, flags
+        # G, Ut, bias, st, out, mask, h0, c0, geo, Hs, flags
         "persistent": (a3, a2, a1, a3, a3, m2, a2, a2, i8, i8, i8),
         # st, h0, c0, flags
         "init_state": (a3, a2, a2, i8),
@@ -323,37 +323,145 @@ def lstm_kernels(np_dtype, rbb):
                             out[bb, s, j] = y
 
     @cuda.jit(device=True)
-    def stage_h(hin, hs, k0, kt, KTp, tid, nthr):
-        # hs[b*KTp + kk] = hin[b, k0 + kk] for every batch row b and kk < kt (coalesced)
-        # hin: [B, H]; hs: shared, B*KTp values
-        n = hin.shape[0] * kt
+    def stage_h(hin, hs, Hs, tid, nthr):
+        # hs[b*Hs + k] = hin[b, k] for every batch row b and k < H; four independent
+        # loads in flight per thread.  hin: [B, H]; hs: shared, B*Hs values.
+        H = hin.shape[1]
+        n = hin.shape[0] * H
         e = tid
+        while e + 3 * nthr < n:
+            e1 = e + nthr
+            e2 = e1 + nthr
+            e3 = e2 + nthr
+            b0 = e // H
+            b1 = e1 // H
+            b2 = e2 // H
+            b3 = e3 // H
+            v0 = hin[b0, e - b0 * H]
+            v1 = hin[b1, e1 - b1 * H]
+            v2 = hin[b2, e2 - b2 * H]
+            v3 = hin[b3, e3 - b3 * H]
+            hs[b0 * Hs + e - b0 * H] = v0
+            hs[b1 * Hs + e1 - b1 * H] = v1
+            hs[b2 * Hs + e2 - b2 * H] = v2
+            hs[b3 * Hs + e3 - b3 * H] = v3
+            e += 4 * nthr
         while e < n:
-            b = e // kt
-            kk = e - b * kt
-            hs[b * KTp + kk] = hin[b, k0 + kk]
+            b = e // H
+            hs[b * Hs + e - b * H] = hin[b, e - b * H]
             e += nthr
 
-    def lstm_persistent(G, Ut, bias, st, out, mask, h0, c0, geo1, geo2, flags):
+    @cuda.jit(device=True)
+    def dot1(w0, w1, w2, w3, hr, k, ku, ksu, acc):
+        # acc[g, 0] += sum over k, k+KS, ... < ku of hr[k] * wg[k]  (RBB = 1)
+        a0 = ZERO
+        a1 = ZERO
+        a2 = ZERO
+        a3 = ZERO
+        while k < ku:
+            hk = hr[k]
+            a0 += hk * w0[k]
+            a1 += hk * w1[k]
+            a2 += hk * w2[k]
+            a3 += hk * w3[k]
+            k += ksu
+        acc[0, 0] = a0
+        acc[1, 0] = a1
+        acc[2, 0] = a2
+        acc[3, 0] = a3
+
+    @cuda.jit(device=True)
+    def dot4(w0, w1, w2, w3, h0r, h1r, h2r, h3r, k, ku, ksu, acc):
+        # acc[g, r] = sum over k, k+KS, ... < ku of hr_r[k] * wg[k]  (RBB = 4)
+        a00 = ZERO
+        a01 = ZERO
+        a02 = ZERO
+        a03 = ZERO
+        a10 = ZERO
+        a11 = ZERO
+        a12 = ZERO
+        a13 = ZERO
+        a20 = ZERO
+        a21 = ZERO
+        a22 = ZERO
+        a23 = ZERO
+        a30 = ZERO
+        a31 = ZERO
+        a32 = ZERO
+        a33 = ZERO
+        while k < ku:
+            x0 = w0[k]
+            x1 = w1[k]
+            x2 = w2[k]
+            x3 = w3[k]
+            hk = h0r[k]
+            a00 += hk * x0
+            a10 += hk * x1
+            a20 += hk * x2
+            a30 += hk * x3
+            hk = h1r[k]
+            a01 += hk * x0
+            a11 += hk * x1
+            a21 += hk * x2
+            a31 += hk * x3
+            hk = h2r[k]
+            a02 += hk * x0
+            a12 += hk * x1
+            a22 += hk * x2
+            a32 += hk * x3
+            hk = h3r[k]
+            a03 += hk * x0
+            a13 += hk * x1
+            a23 += hk * x2
+            a33 += hk * x3
+            k += ksu
+        acc[0, 0] = a00
+        acc[0, 1] = a01
+        acc[0, 2] = a02
+        acc[0, 3] = a03
+        acc[1, 0] = a10
+        acc[1, 1] = a11
+        acc[1, 2] = a12
+        acc[1, 3] = a13
+        acc[2, 0] = a20
+        acc[2, 1] = a21
+        acc[2, 2] = a22
+        acc[2, 3] = a23
+        acc[3, 0] = a30
+        acc[3, 1] = a31
+        acc[3, 2] = a32
+        acc[3, 3] = a33
+
+    @cuda.jit(device=True)
+    def load_inputs(G, bias, mask, t, j, bb0, H, has_mask, zin, mon):
+        # zin[g, r] = G[b, t, g*H + j] + bias[g*H + j]; mon[r] = mask[b, t] (1 without a
+        # mask) for the item's rows b = bb0 + r (rows past the end reuse row B-1)
+        last = G.shape[0] - 1
+        for r in range(RBB):
+            bb = min(bb0 + r, last)
+            for g in range(4):
+                zin[g, r] = G[bb, t, g * H + j] + bias[g * H + j]
+            mon[r] = mask[bb, t] if has_mask != 0 else np.uint8(1)
+
+    def lstm_persistent(G, Ut, bias, st, out, mask, h0, c0, geo, Hs, flags):
         # G: [B, T, 4H] input projection x@W (no bias); Ut: [4H, H] (recurrent kernel
         # transposed: Ut[g*H+j, k] = U[k, g*H+j]); bias: [4H];
         # st: [4, B, H] state, written here: st[0], st[1] = h double buffer (step s
         #     reads st[s % 2], writes st[1 - s % 2]), st[2] = c, st[3] = last output;
         # out: [B, T, H] or [1, 1, 1]; mask: [B, T] uint8 or [1, 1];
         # h0, c0: [B, H] initial state, or [1, 1] when absent (zeros);
-        # geo1 = HB | KS << 20 | KT << 40; geo2 = Hp | KTp << 32;
+        # geo = HB | KS << 20 | Hp << 40; Hs: row stride of h staged in shared memory
+        #     (0: h is read from global memory);
         # flags = has_mask | go_back << 1 | zofm << 2 | ret_seq << 3 | has_h0 << 4
         #         | has_c0 << 5 | act << 8 | ract << 16.
         # Grid: ceil(H/HB) blocks, launched cooperatively; dynamic shared memory
-        # 4*HB*Hp (weights) + B*KTp (h tile) (+ 4*RBB*blockDim.x if KS > 1) values.
+        # 4*HB*Hp (weights) + B*Hs (staged h) (+ 4*RBB*blockDim.x if KS > 1) values.
         B = G.shape[0]
         T = G.shape[1]
         H = Ut.shape[1]
-        HB = geo1 & 0xFFFFF
-        KS = (geo1 >> 20) & 0xFFFFF
-        KT = geo1 >> 40
-        Hp = geo2 & 0xFFFFFFFF
-        KTp = geo2 >> 32
+        HB = geo & 0xFFFFF
+        KS = (geo >> 20) & 0xFFFFF
+        Hp = geo >> 40
         has_mask = flags & 1
         go_back = (flags >> 1) & 1
         zofm = (flags >> 2) & 1
@@ -368,7 +476,7 @@ def lstm_kernels(np_dtype, rbb):
         nthr = cuda.blockDim.x
         sm = cuda.shared.array(0, nbdt)
         nus = 4 * HB * Hp
-        nhs = B * KTp
+        nhs = B * Hs
         Us = sm[:nus]
         hs = sm[nus:nus + nhs]
         red = sm[nus + nhs:]
@@ -395,13 +503,30 @@ def lstm_kernels(np_dtype, rbb):
         ngrp = (B + RBB - 1) // RBB
         nitems = ngrp * nu
         nrounds = (nitems + nslots - 1) // nslots
-        ntiles = (H + KT - 1) // KT
         last = B - 1
         ksu = np.uint64(KS)
+        Hu = np.uint64(H)
         acc = cuda.local.array((4, RBB), nbdt)
         zin = cuda.local.array((4, RBB), nbdt)
+        mon = cuda.local.array(RBB, nbt.uint8)
+        # one round (every item has its own threads): the owner keeps c and the last
+        # output of its rows in registers and loads the next step's inputs before the
+        # grid barrier
+        single = nrounds == 1
+        creg = cuda.local.array(RBB, nbdt)
+        yreg = cuda.local.array(RBB, nbdt)
         c = st[2]
         ylast = st[3]
+        if single:
+            item = slot
+            if item < nitems and part == 0:
+                u = item % nu
+                bb0 = (item // nu) * RBB
+                for r in range(RBB):
+                    creg[r] = c[min(bb0 + r, last), j0 + u]
+                    yreg[r] = ZERO
+                load_inputs(G, bias, mask, T - 1 if go_back != 0 else 0, j0 + u, bb0, H,
+                            has_mask, zin, mon)
         for s in range(T):
             t = s
             if go_back != 0:
@@ -409,10 +534,10 @@ def lstm_kernels(np_dtype, rbb):
             p = s % 2
             hin = st[p]
             hout = st[1 - p]
-            if ntiles == 1:
-                # the whole h fits: stage it once per step (the grid barrier before
-                # this step also ended every thread's reads of the previous one)
-                stage_h(hin, hs, 0, H, KTp, tid, nthr)
+            if Hs > 0:
+                # stage all of h once per step (the grid barrier before this step also
+                # ended every thread's reads of the previous one)
+                stage_h(hin, hs, Hs, tid, nthr)
                 cuda.syncthreads()
             for rnd in range(nrounds):
                 item = rnd * nslots + slot
@@ -422,116 +547,36 @@ def lstm_kernels(np_dtype, rbb):
                 if valid:
                     u = item % nu
                     bb0 = (item // nu) * RBB
+                if valid and part == 0 and not single:
+                    load_inputs(G, bias, mask, t, j0 + u, bb0, H, has_mask, zin, mon)
                 for g in range(4):
                     for r in range(RBB):
                         acc[g, r] = ZERO
-                        zin[g, r] = ZERO
-                if valid and part == 0:
-                    # issued before the dot products so their latency is hidden
-                    j = j0 + u
-                    for r in range(RBB):
-                        bb = min(bb0 + r, last)
-                        for g in range(4):
-                            zin[g, r] = G[bb, t, g * H + j] + bias[g * H + j]
-                for tile in range(ntiles):
-                    k0 = tile * KT
-                    kt = min(KT, H - k0)
-                    if ntiles > 1:
-                        cuda.syncthreads()
-                        stage_h(hin, hs, k0, kt, KTp, tid, nthr)
-                        cuda.syncthreads()
-                    if valid:
-                        w0 = Us[u * Hp + k0:u * Hp + k0 + kt]
-                        w1 = Us[(HB + u) * Hp + k0:(HB + u) * Hp + k0 + kt]
-                        w2 = Us[(2 * HB + u) * Hp + k0:(2 * HB + u) * Hp + k0 + kt]
-                        w3 = Us[(3 * HB + u) * Hp + k0:(3 * HB + u) * Hp + k0 + kt]
-                        ku = np.uint64(kt)
-                        k = np.uint64(part)
-                        if RBB == 1:
-                            hr = hs[bb0 * KTp:bb0 * KTp + kt]
-                            a0 = acc[0, 0]
-                            a1 = acc[1, 0]
-                            a2 = acc[2, 0]
-                            a3 = acc[3, 0]
-                            while k < ku:
-                                hk = hr[k]
-                                a0 += hk * w0[k]
-                                a1 += hk * w1[k]
-                                a2 += hk * w2[k]
-                                a3 += hk * w3[k]
-                                k += ksu
-                            acc[0, 0] = a0
-                            acc[1, 0] = a1
-                            acc[2, 0] = a2
-                            acc[3, 0] = a3
+                if valid:
+                    w0 = Us[u * Hp:u * Hp + H]
+                    w1 = Us[(HB + u) * Hp:(HB + u) * Hp + H]
+                    w2 = Us[(2 * HB + u) * Hp:(2 * HB + u) * Hp + H]
+                    w3 = Us[(3 * HB + u) * Hp:(3 * HB + u) * Hp + H]
+                    k = np.uint64(part)
+                    if RBB == 1:
+                        if Hs > 0:
+                            dot1(w0, w1, w2, w3, hs[bb0 * Hs:bb0 * Hs + H], k, Hu, ksu,
+                                 acc)
                         else:
-                            # RBB == 4; rows past the batch end reuse row B-1 (discarded)
-                            o0 = min(bb0, last) * KTp
-                            o1 = min(bb0 + 1, last) * KTp
-                            o2 = min(bb0 + 2, last) * KTp
-                            o3 = min(bb0 + 3, last) * KTp
-                            h0r = hs[o0:o0 + kt]
-                            h1r = hs[o1:o1 + kt]
-                            h2r = hs[o2:o2 + kt]
-                            h3r = hs[o3:o3 + kt]
-                            a00 = acc[0, 0]
-                            a01 = acc[0, 1]
-                            a02 = acc[0, 2]
-                            a03 = acc[0, 3]
-                            a10 = acc[1, 0]
-                            a11 = acc[1, 1]
-                            a12 = acc[1, 2]
-                            a13 = acc[1, 3]
-                            a20 = acc[2, 0]
-                            a21 = acc[2, 1]
-                            a22 = acc[2, 2]
-                            a23 = acc[2, 3]
-                            a30 = acc[3, 0]
-                            a31 = acc[3, 1]
-                            a32 = acc[3, 2]
-                            a33 = acc[3, 3]
-                            while k < ku:
-                                x0 = w0[k]
-                                x1 = w1[k]
-                                x2 = w2[k]
-                                x3 = w3[k]
-                                hk = h0r[k]
-                                a00 += hk * x0
-                                a10 += hk * x1
-                                a20 += hk * x2
-                                a30 += hk * x3
-                                hk = h1r[k]
-                                a01 += hk * x0
-                                a11 += hk * x1
-                                a21 += hk * x2
-                                a31 += hk * x3
-                                hk = h2r[k]
-                                a02 += hk * x0
-                                a12 += hk * x1
-                                a22 += hk * x2
-                                a32 += hk * x3
-                                hk = h3r[k]
-                                a03 += hk * x0
-                                a13 += hk * x1
-                                a23 += hk * x2
-                                a33 += hk * x3
-                                k += ksu
-                            acc[0, 0] = a00
-                            acc[0, 1] = a01
-                            acc[0, 2] = a02
-                            acc[0, 3] = a03
-                            acc[1, 0] = a10
-                            acc[1, 1] = a11
-                            acc[1, 2] = a12
-                            acc[1, 3] = a13
-                            acc[2, 0] = a20
-                            acc[2, 1] = a21
-                            acc[2, 2] = a22
-                            acc[2, 3] = a23
-                            acc[3, 0] = a30
-                            acc[3, 1] = a31
-                            acc[3, 2] = a32
-                            acc[3, 3] = a33
+                            dot1(w0, w1, w2, w3, hin[bb0], k, Hu, ksu, acc)
+                    else:
+                        # rows past the batch end reuse row B-1 (results discarded)
+                        q0 = min(bb0, last)
+                        q1 = min(bb0 + 1, last)
+                        q2 = min(bb0 + 2, last)
+                        q3 = min(bb0 + 3, last)
+                        if Hs > 0:
+                            dot4(w0, w1, w2, w3, hs[q0 * Hs:q0 * Hs + H],
+                                 hs[q1 * Hs:q1 * Hs + H], hs[q2 * Hs:q2 * Hs + H],
+                                 hs[q3 * Hs:q3 * Hs + H], k, Hu, ksu, acc)
+                        else:
+                            dot4(w0, w1, w2, w3, hin[q0], hin[q1], hin[q2], hin[q3], k,
+                                 Hu, ksu, acc)
                 if KS > 1:
                     for g in range(4):
                         for r in range(RBB):
@@ -554,28 +599,33 @@ def lstm_kernels(np_dtype, rbb):
                     for r in range(RBB):
                         bb = bb0 + r
                         if bb < B:
-                            on = True
-                            if has_mask != 0:
-                                on = mask[bb, t] != 0
-                            if on:
+                            cp = creg[r] if single else c[bb, j]
+                            if mon[r] != 0:
                                 ig = act_fn(ract, acc[0, r] + zin[0, r])
                                 fg = act_fn(ract, acc[1, r] + zin[1, r])
                                 og = act_fn(ract, acc[3, r] + zin[3, r])
-                                cn = fg * c[bb, j] + ig * act_fn(act, acc[2, r] + zin[2, r])
+                                cn = fg * cp + ig * act_fn(act, acc[2, r] + zin[2, r])
                                 hn = og * act_fn(act, cn)
                                 c[bb, j] = cn
+                                creg[r] = cn
                                 hout[bb, j] = hn
                                 y = hn
                             else:
                                 hout[bb, j] = hin[bb, j]
                                 if zofm != 0:
                                     y = ZERO
+                                elif single:
+                                    y = yreg[r]
                                 else:
                                     y = ylast[bb, j]
                             ylast[bb, j] = y
+                            yreg[r] = y
                             if ret_seq != 0:
                                 out[bb, s, j] = y
             if s + 1 < T:
+                if single and slot < nitems and part == 0:
+                    load_inputs(G, bias, mask, T - 2 - s if go_back != 0 else s + 1,
+                                j0 + slot % nu, (slot // nu) * RBB, H, has_mask, zin, mon)
                 grid.sync()
 
     def init_state(st, h0, c0, flags):
