@@ -154,11 +154,11 @@ def main():
         if not dry:
             ov = next(iter(k17.overloads.values()))
             a17 = [a3, a2, a1, a3, a2, a2, a3, m2, 1, 2, 3, 4, 5, 6, 7, 8, 9]
-            ov.launch(a17, (1, 1, 1), (32, 1, 1), 0, 0)
+            ov.launch(a17, (1, 1, 1), (32, 1, 1), cuda.default_stream(), 0)
             sync()
             t0 = time.perf_counter()
             for _ in range(n):
-                ov.launch(a17, (1, 1, 1), (32, 1, 1), 0, 0)
+                ov.launch(a17, (1, 1, 1), (32, 1, 1), cuda.default_stream(), 0)
             sync()
             print(f"empty kernel, 17 args, overload.launch directly: "
                   f"{1e6 * (time.perf_counter() - t0) / n:.1f} us per launch (queued)")

@@ -239,9 +239,31 @@ def _jit(cuda, key, pyfunc, argtypes):
     k = _JIT.get(key)
     if k is None:
         from numba import types as nbt
-        k = cuda.jit(nbt.void(*argtypes))(pyfunc)
+        try:
+            k = cuda.jit(nbt.void(*argtypes))(pyfunc)
+        except AttributeError as exc:
+            err = _toolchain_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
         _JIT[key] = k
     return k
+
+
+def _toolchain_error(exc):
+    """A clear error for a known numba-cuda / NumPy mismatch (seen with numba-cuda
+    0.30.4 and NumPy 2.5, which removed ``np.row_stack``); other errors unchanged."""
+    if "row_stack" not in str(exc):
+        return exc
+    try:
+        from importlib.metadata import version
+        nc = version("numba-cuda")
+    except Exception:
+        nc = "?"
+    return RuntimeError(
+        f"device='cuda': numba-cuda {nc} cannot compile kernels with NumPy "
+        f"{np.__version__} ({exc}; NumPy 2.5 removed np.row_stack). Install "
+        "'numpy<2.5' or a numba-cuda release that supports this NumPy.")
 
 
 def _lstm_kernel(cuda, name, dt, rbb):

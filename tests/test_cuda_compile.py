@@ -225,3 +225,27 @@ def test_device_cuda_without_gpu_raises_clear_error(rng):
         lstm_vjp(x, W, U, None, dy, device="gpu")
     # NumPy inputs with device="auto" run on the CPU
     assert isinstance(fastseq.lstm(x, W, U, device="auto"), np.ndarray)
+
+
+def test_numpy_numba_cuda_mismatch_is_explained():
+    """numba-cuda 0.30.4 cannot type any kernel under NumPy 2.5 (np.row_stack is gone):
+    seen on the lent H100 image.  The compile step then raises a RuntimeError that says
+    what to install; other compile errors pass through unchanged."""
+    class _FakeCuda:
+        def __init__(self, message):
+            self.message = message
+
+        def jit(self, sig):
+            def deco(fn):
+                raise AttributeError(self.message)
+            return deco
+
+    def kernel():
+        pass
+
+    with pytest.raises(RuntimeError, match=r"numpy<2\.5"):
+        _cuda._jit(_FakeCuda("module 'numpy' has no attribute 'row_stack'"),
+                   ("test-mismatch",), kernel, ())
+    with pytest.raises(AttributeError, match="something else"):
+        _cuda._jit(_FakeCuda("something else"), ("test-other",), kernel, ())
+    assert ("test-mismatch",) not in _cuda._JIT and ("test-other",) not in _cuda._JIT
