@@ -72,6 +72,12 @@ LSTM_CASES = {
         tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=16, BATCH_REGISTER_TILE=4,
                  H_STAGE_BYTES=16),
         path="persistent", staged=False),
+    # h staged in shared memory in two passes of up to 8 values per thread (70 values,
+    # 8 threads), several rounds of items
+    "persistent_staged_two_passes": dict(
+        B=5, T=3, D=3, H=14, mask=True, state=True, seq=True, back=False, zofm=False,
+        tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=8), path="persistent",
+        staged=True),
     # per-step fallback: 3 x 3 blocks, ragged in units (7 = 3+3+1) and batch (5 = 2+2+1)
     "stepwise_ragged_back_mask": dict(
         B=5, T=5, D=4, H=7, mask=True, state=True, seq=True, back=True, zofm=False,

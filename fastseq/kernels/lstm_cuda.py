@@ -324,32 +324,26 @@ def lstm_kernels(np_dtype, rbb):
 
     @cuda.jit(device=True)
     def stage_h(hin, hs, Hs, tid, nthr):
-        # hs[b*Hs + k] = hin[b, k] for every batch row b and k < H; four independent
-        # loads in flight per thread.  hin: [B, H]; hs: shared, B*Hs values.
+        # hs[b*Hs + k] = hin[b, k] for every batch row b and k < H.  Each pass moves up
+        # to 8 values per thread with all 8 loads issued before the stores (one L2
+        # round trip per pass; guarded, so small B*H also gets one pass).
+        # hin: [B, H]; hs: shared, B*Hs values.
         H = hin.shape[1]
         n = hin.shape[0] * H
         e = tid
-        while e + 3 * nthr < n:
-            e1 = e + nthr
-            e2 = e1 + nthr
-            e3 = e2 + nthr
-            b0 = e // H
-            b1 = e1 // H
-            b2 = e2 // H
-            b3 = e3 // H
-            v0 = hin[b0, e - b0 * H]
-            v1 = hin[b1, e1 - b1 * H]
-            v2 = hin[b2, e2 - b2 * H]
-            v3 = hin[b3, e3 - b3 * H]
-            hs[b0 * Hs + e - b0 * H] = v0
-            hs[b1 * Hs + e1 - b1 * H] = v1
-            hs[b2 * Hs + e2 - b2 * H] = v2
-            hs[b3 * Hs + e3 - b3 * H] = v3
-            e += 4 * nthr
         while e < n:
-            b = e // H
-            hs[b * Hs + e - b * H] = hin[b, e - b * H]
-            e += nthr
+            v = cuda.local.array(8, nbdt)
+            for q in range(8):
+                eq = e + q * nthr
+                if eq < n:
+                    bq = eq // H
+                    v[q] = hin[bq, eq - bq * H]
+            for q in range(8):
+                eq = e + q * nthr
+                if eq < n:
+                    bq = eq // H
+                    hs[bq * Hs + eq - bq * H] = v[q]
+            e += 8 * nthr
 
     @cuda.jit(device=True)
     def dot1(w0, w1, w2, w3, hr, k, ku, ksu, acc):
@@ -534,6 +528,8 @@ def lstm_kernels(np_dtype, rbb):
             p = s % 2
             hin = st[p]
             hout = st[1 - p]
+            # one round: c and the last output stay in registers until the last step
+            keep = single and s + 1 < T
             if Hs > 0:
                 # stage all of h once per step (the grid barrier before this step also
                 # ended every thread's reads of the previous one)
@@ -599,15 +595,22 @@ def lstm_kernels(np_dtype, rbb):
                     for r in range(RBB):
                         bb = bb0 + r
                         if bb < B:
-                            cp = creg[r] if single else c[bb, j]
+                            if single:
+                                cp = creg[r]
+                                if not keep:    # last step: c must reach memory
+                                    c[bb, j] = cp
+                            else:
+                                cp = c[bb, j]
                             if mon[r] != 0:
                                 ig = act_fn(ract, acc[0, r] + zin[0, r])
                                 fg = act_fn(ract, acc[1, r] + zin[1, r])
                                 og = act_fn(ract, acc[3, r] + zin[3, r])
                                 cn = fg * cp + ig * act_fn(act, acc[2, r] + zin[2, r])
                                 hn = og * act_fn(act, cn)
-                                c[bb, j] = cn
-                                creg[r] = cn
+                                if keep:
+                                    creg[r] = cn
+                                else:
+                                    c[bb, j] = cn
                                 hout[bb, j] = hn
                                 y = hn
                             else:
@@ -618,8 +621,10 @@ def lstm_kernels(np_dtype, rbb):
                                     y = yreg[r]
                                 else:
                                     y = ylast[bb, j]
-                            ylast[bb, j] = y
-                            yreg[r] = y
+                            if keep:
+                                yreg[r] = y
+                            else:
+                                ylast[bb, j] = y
                             if ret_seq != 0:
                                 out[bb, s, j] = y
             if s + 1 < T:
