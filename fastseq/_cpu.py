@@ -7,6 +7,8 @@ GEMM, then the recurrence (a fused Numba loop over the chunk for small blocks, o
 ``h U`` plus a fused Numba pointwise kernel), then optionally a Dense epilogue on the
 chunk while it is in cache.  No [B, T, 4H] buffer is ever held: only [rows, Tc, 4H].
 """
+import time
+
 import numpy as np
 
 from . import config
@@ -153,7 +155,16 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
     else:
         try:
             worker.release_done()
-            if worker.spinning() and not worker.busy():
+            ready = worker.spinning() and not worker.busy()
+            if not ready:
+                # the worker dozes (or is still busy): wake it for the calls to come;
+                # a long job waits a little for it (a job that ran alone for longer
+                # than the worker's spin time would find it dozing at every call)
+                worker.wake()
+                macs = T * B * (D + H) * 4 * H
+                ready = (macs >= config.SPLIT_WAKE_WAIT_MACS
+                         and _await_worker(worker, config.SPLIT_WAKE_WAIT_S))
+            if ready:
                 worker.seq += 1
                 seq = worker.seq
                 # kept alive until the worker is done with the job, whatever happens
@@ -173,13 +184,22 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
                     kw.settle_job(worker.mb, seq, ran not in (1, 2))
                     worker.release_done()
             else:
-                # the worker dozes (or is still busy): wake it for the calls to come,
-                # run this one alone
-                worker.wake()
                 _run_part(0, sync, 0, *args)
         finally:
             worker.lock.release()
     h[...] = hbuf[T % 2]
+
+
+def _await_worker(worker, timeout):
+    """Wait up to ``timeout`` seconds for a woken worker to spin (and be free); True if
+    it does.  The GIL is let go at each poll."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        if worker.spinning() and not worker.busy():
+            return True
+        if time.perf_counter() >= deadline:
+            return False
+        time.sleep(0)
 
 
 def table_dense_pair(ids, m8, parts, bd, activation):

@@ -6,6 +6,7 @@ thread plus ``n - 1`` workers), each block running start to end with no barrier,
 thread calling single-threaded BLAS for its own GEMMs.  ``n`` defaults to Numba's
 ``NUMBA_NUM_THREADS`` (all cores unless set) and is changed with ``set_num_threads``.
 """
+import atexit
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,23 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _stop_workers_at_exit():
+    """Stop this process's workers and wait for them (at interpreter exit).  A worker
+    started on a cold compile cache spends its first seconds compiling its loop; if the
+    interpreter finalises meanwhile, the thread dies inside LLVM and the process
+    crashes (a segfault after a script that ran about 9 s was seen).  Waiting lets the
+    compilation finish; the loop then sees MB_QUIT and returns at once."""
+    ws = [w for w in list(_workers.values()) if w is not None and w.pid == os.getpid()]
+    for w in ws:
+        w.mb[w.kw.MB_QUIT] = 1
+        w.mb[w.kw.MB_POKE] = 1
+    for w in ws:
+        w.thread.join(timeout=config.WORKER_EXIT_WAIT_S)
+
+
+atexit.register(_stop_workers_at_exit)
 
 
 def set_num_threads(n):

@@ -70,5 +70,14 @@ SPLIT_CLAIM_TICKS = 65_000
 # time-stamp counter), and a cap on polls for targets without a counter.
 SPLIT_WORKER_IDLE_TICKS = 10_000_000
 SPLIT_WORKER_MAX_POLLS = 50_000_000
+# A split job of at least this many multiply-adds (about 10 ms on one thread here) that
+# finds the worker dozing wakes it and waits up to SPLIT_WAKE_WAIT_S for it, instead of
+# running alone (a dozing worker wakes within its current nap: up to 1 ms in its first
+# second of dozing, 10 ms later).
+SPLIT_WAKE_WAIT_MACS = 100_000_000
+SPLIT_WAKE_WAIT_S = 0.002
+# At interpreter exit, how long to wait for each worker thread to stop (one still
+# compiling its loop on a cold cache needs seconds; see _threads._stop_workers_at_exit).
+WORKER_EXIT_WAIT_S = 120.0
 # Rows per chunk in the time-distributed Dense (GEMM + fused activation).
 DENSE_CHUNK_ROWS = 512

@@ -144,6 +144,8 @@ def test_caller_waits_when_the_worker_runs_the_job_alone(rng, assert_close, monk
     # a float64 reference to compare with it)
     w = _threads.worker(np.float32)
     w.rest()
+    # a job this long would wake the dozing worker and wait for it: not here
+    monkeypatch.setattr(config, "SPLIT_WAKE_WAIT_MACS", 1 << 62)
     deadline = time.monotonic() + 60
     while w.spinning():
         assert time.monotonic() < deadline, "the worker kept spinning"
@@ -332,6 +334,32 @@ def test_worker_sleeps_and_wakes(rng, assert_close, monkeypatch):
     while not w.spinning():
         assert time.monotonic() < deadline, "the call did not wake the worker"
         time.sleep(0.001)
+
+
+@needs_two_threads
+def test_long_job_waits_for_a_dozing_worker(rng, assert_close, counted, monkeypatch):
+    """A long job that finds the worker dozing wakes it and waits for it (up to
+    SPLIT_WAKE_WAIT_S) instead of running alone: a job that runs alone for longer than
+    the worker spins afterwards would find it dozing at every call, and back-to-back
+    long calls always ran on one thread (B=1, T=2000, H=128 with 20 ms pauses: 6.3 ms
+    per call split, 10.1 ms alone)."""
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    monkeypatch.setattr(config, "SPLIT_WAKE_WAIT_S", 5.0)   # a loaded machine: be sure
+    x, W, U, b, Wd, bd = _data(rng, 1, 30, 8, 64, 5, np.float32)
+    want = ref_dense(ref_lstm(x, W, U, b, return_sequences=True), Wd, bd, "softmax")
+    atol, rtol = config.tolerance(np.float32)
+    w = _spinning_worker(np.float32)
+    for wait_macs, expect in ((1 << 62, {1}), (1, {2, 0})):
+        monkeypatch.setattr(config, "SPLIT_WAKE_WAIT_MACS", wait_macs)
+        w.rest()
+        deadline = time.monotonic() + 10
+        while w.spinning():
+            assert time.monotonic() < deadline, "the worker never started dozing"
+            time.sleep(0.001)
+        counted.clear()
+        assert_close(lstm_dense(x, W, U, b, Wd, bd, "softmax"), want, atol, rtol)
+        # 1: this thread ran the job alone; 2 (or 0, its part late): the worker took part
+        assert len(counted) == 1 and counted[0] in expect, (wait_macs, counted)
 
 
 def test_atomics():

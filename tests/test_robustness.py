@@ -602,6 +602,41 @@ def test_forked_children_work_after_the_parent_used_the_pools(tmp_path):
     _run_script_ok(tmp_path / "fork.py", _FORK_SCRIPT)
 
 
+_EXIT_SCRIPT = r"""
+import sys, time
+import numpy as np
+from fastseq import _threads
+from fastseq.kernels import worker_cpu
+
+real = worker_cpu.serve_float32
+
+
+def slow_serve(mb, max_polls):
+    # stands for the worker's first start on a cold cache: seconds of compiling
+    time.sleep(1.0)
+    r = real(mb, max_polls)
+    with open(sys.argv[1], "w") as f:
+        f.write(str(int(mb[worker_cpu.MB_STATE])))
+    return r
+
+
+worker_cpu.serve_float32 = slow_serve
+_threads.worker(np.float32)
+print("ok")
+"""
+
+
+def test_interpreter_exit_waits_for_a_worker_still_starting(tmp_path):
+    """A script that exited while the worker thread was still compiling its loop (the
+    first start on a cold cache) crashed with a segfault: the interpreter finalised
+    under the thread, inside LLVM.  At exit the workers are now told to stop and
+    waited for, so the loop starts, sees the request and returns (state 0)."""
+    marker = tmp_path / "stopped.txt"
+    _run_script_ok(tmp_path / "exit.py", _EXIT_SCRIPT, str(marker))
+    assert marker.exists(), "the worker thread was killed at exit, not stopped"
+    assert marker.read_text() == "0"
+
+
 def test_interrupted_adam_step_leaves_a_consistent_state(monkeypatch):
     """A KeyboardInterrupt as Adam's row sums of the Embedding gradient return: the
     step is lost, but the next steps must be right.  The sums ran before the try that
