@@ -320,6 +320,9 @@ def test_worker_sleeps_and_wakes(rng, assert_close, monkeypatch):
     """A worker put to rest dozes; the next call runs alone, right, and pokes it to
     spin again."""
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    # once woken it spins until the test ends: a check descheduled for longer than the
+    # usual spin time (about 4 ms) would otherwise miss it on a loaded machine
+    monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)
     w = _spinning_worker(np.float32)
     w.rest()
     deadline = time.monotonic() + 10
@@ -344,7 +347,12 @@ def test_long_job_waits_for_a_dozing_worker(rng, assert_close, counted, monkeypa
     long calls always ran on one thread (B=1, T=2000, H=128 with 20 ms pauses: 6.3 ms
     per call split, 10.1 ms alone)."""
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
-    monkeypatch.setattr(config, "SPLIT_WAKE_WAIT_S", 5.0)   # a loaded machine: be sure
+    # a loaded machine: wait as long as it takes for the worker to wake and to claim,
+    # and once woken let it spin until the test ends (a caller descheduled for longer
+    # than the worker's spin time would miss the window and run alone)
+    monkeypatch.setattr(config, "SPLIT_WAKE_WAIT_S", 5.0)
+    monkeypatch.setattr(config, "SPLIT_CLAIM_TICKS", 1 << 40)
+    monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)
     x, W, U, b, Wd, bd = _data(rng, 1, 30, 8, 64, 5, np.float32)
     want = ref_dense(ref_lstm(x, W, U, b, return_sequences=True), Wd, bd, "softmax")
     atol, rtol = config.tolerance(np.float32)
