@@ -313,11 +313,43 @@ def semantics_check(ctx, B, H, T, args):
     return res
 
 
+class _tunables:
+    """Set attributes of fastseq._cuda for a block, then restore them."""
+
+    def __init__(self, values):
+        from fastseq import _cuda
+        self.mod, self.values = _cuda, values
+
+    def __enter__(self):
+        self.old = {k: getattr(self.mod, k) for k in self.values}
+        for k, v in self.values.items():
+            setattr(self.mod, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            setattr(self.mod, k, v)
+        return False
+
+
+def _time_lstm(ctx, r, B, H, T, rng, weights):
+    """Time fastseq.lstm on device arrays [B, T, H] (D = H) into record r."""
+    import fastseq
+    from fastseq import _cuda
+    if H not in weights:
+        weights[H] = make_weights(rng, H, H)
+    W, U, b = weights[H]
+    xd = ctx.to_dev(rng.standard_normal((B, T, H)).astype(np.float32))
+    f = lambda: fastseq.lstm(xd, W, U, b, return_sequences=True,  # noqa: E731
+                             device="cuda")
+    f()
+    r["path"] = " ".join(_cuda.last_lstm_path)
+    r["ms"] = 1e3 * ctx.bench(f, min_time=0.15, max_reps=20)
+
+
 def tuning(ctx, T, K, args):
     """Timings of the main tunables of fastseq._cuda on a few shapes (for choosing
     defaults); each entry is independent and reports its own error."""
     import fastseq
-    from fastseq import _cuda
     out = []
     H = 5 if args.dry_run else 1024
     rng = np.random.default_rng(3)
@@ -341,24 +373,11 @@ def tuning(ctx, T, K, args):
             out.append({"what": "lstm", "B": B, "error": "skipped: time budget"})
             continue
         r = {"what": "lstm", "B": B, "H": HH, **tun}
-        old = {k: getattr(_cuda, k) for k in tun}
         try:
-            for k, v in tun.items():
-                setattr(_cuda, k, v)
-            if HH not in weights:
-                weights[HH] = make_weights(rng, HH, HH)
-            Wt, Ut, bt = weights[HH]
-            xd = ctx.to_dev(rng.standard_normal((B, T, HH)).astype(np.float32))
-            f = lambda: fastseq.lstm(xd, Wt, Ut, bt, return_sequences=True,  # noqa: E731
-                                     device="cuda")
-            f()
-            r["path"] = " ".join(_cuda.last_lstm_path)
-            r["ms"] = 1e3 * ctx.bench(f, min_time=0.15, max_reps=20)
+            with _tunables(tun):
+                _time_lstm(ctx, r, B, HH, T, rng, weights)
         except Exception as exc:
             r["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            for k, v in old.items():
-                setattr(_cuda, k, v)
         out.append(r)
     Bd = 3 if args.dry_run else 256
     y = ctx.to_dev(rng.standard_normal((Bd, T, H)).astype(np.float32))
@@ -374,21 +393,16 @@ def tuning(ctx, T, K, args):
             out.append({"what": "dense", "error": "skipped: time budget"})
             continue
         r = {"what": "dense_softmax", "rows": Bd * T, "H": H, "K": K, **tun}
-        old = {k: getattr(_cuda, k) for k in tun}
         try:
-            for k, v in tun.items():
-                setattr(_cuda, k, v)
-            f = lambda: fastseq.dense(y, Wd, bd, activation="softmax",  # noqa: E731
-                                      device="cuda")
-            f()
-            t = ctx.bench(f, min_time=0.15, max_reps=20)
+            with _tunables(tun):
+                f = lambda: fastseq.dense(y, Wd, bd, activation="softmax",  # noqa: E731
+                                          device="cuda")
+                f()
+                t = ctx.bench(f, min_time=0.15, max_reps=20)
             r["ms"] = 1e3 * t
             r["GBps"] = 4 * (Bd * T * H + H * K + K + Bd * T * K) / t / 1e9
         except Exception as exc:
             r["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            for k, v in old.items():
-                setattr(_cuda, k, v)
         out.append(r)
     return out
 

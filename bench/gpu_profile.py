@@ -68,6 +68,21 @@ def median_time(fn, sync, reps=15, warm=2):
     return float(np.median(ts))
 
 
+def profile(fn, sync, calls, keys, rows):
+    """cProfile of ``calls`` synchronised calls of fn(): the top ``rows`` functions by
+    each of ``keys``."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+        sync()
+    pr.disable()
+    for key in keys:
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(rows)
+        print("\n".join(ln[:150] for ln in s.getvalue().splitlines()[:rows + 18]))
+
+
 def section(name, fn):
     print(f"\n## {name}", flush=True)
     t0 = time.perf_counter()
@@ -252,16 +267,7 @@ def main():
                 print(f"  torch cuDNN fp32: {1e3 * t:.3f} ms")
             if (B, H, T) != configs[0]:
                 continue
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(3 if dry else 30):
-                fs()
-                sync()
-            pr.disable()
-            for key in ("tottime", "cumulative"):
-                s = io.StringIO()
-                pstats.Stats(pr, stream=s).sort_stats(key).print_stats(22)
-                print("\n".join(ln[:150] for ln in s.getvalue().splitlines()[:40]))
+            profile(fs, sync, 3 if dry else 30, ("tottime", "cumulative"), 22)
 
     section("3. persistent kernel alone, whole call, cProfile", kernel_alone)
 
@@ -294,15 +300,7 @@ def main():
                 print(f"  cupy matmul + softmax {1e3 * t:.3f} ms")
             if rows > 1000:
                 continue
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(3 if dry else 30):
-                fn()
-                sync()
-            pr.disable()
-            s = io.StringIO()
-            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(15)
-            print("\n".join(ln[:150] for ln in s.getvalue().splitlines()[:30]))
+            profile(fn, sync, 3 if dry else 30, ("tottime",), 15)
 
     section("4. dense", dense)
 

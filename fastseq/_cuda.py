@@ -950,16 +950,23 @@ def _dense_code(activation):
     return DENSE_CODES[key]
 
 
-def _dense_setup(cuda, x, W, b, weights):
-    dt = _compute_dtype(x)
-    xd = _to_dev(cuda, x, dt, "x")
+def _dense_weights(cuda, W, b, weights, dt):
+    """The Dense weights on the device: ``weights`` (checked against ``dt``) or W and b
+    (cached uploads; no bias: constant zeros)."""
     if weights is None:
         K = int(W.shape[1])
         bias = _dummy(cuda, (K,), dt) if b is None else _weight(cuda, b, dt)
-        weights = DenseWeights(_weight(cuda, W, dt), bias, dt)
-    elif weights.dtype != dt:
+        return DenseWeights(_weight(cuda, W, dt), bias, dt)
+    if weights.dtype != dt:
         raise ValueError(f"dense: weights were uploaded as {weights.dtype}, input computes "
                          f"in {dt}")
+    return weights
+
+
+def _dense_setup(cuda, x, W, b, weights):
+    dt = _compute_dtype(x)
+    xd = _to_dev(cuda, x, dt, "x")
+    weights = _dense_weights(cuda, W, b, weights, dt)
     shape = tuple(int(n) for n in xd.shape)
     D = shape[-1]
     M = int(np.prod(shape[:-1], dtype=np.int64))
@@ -1022,13 +1029,7 @@ def _dense_gemm_cupy(cuda, cupy, x, W, b, weights, code):
     output, then the bias + activation kernel on a Numba view of it."""
     dt = _compute_dtype(x)
     xc = cupy.ascontiguousarray(x, dtype=dt)
-    if weights is None:
-        K = int(W.shape[1])
-        bias = _dummy(cuda, (K,), dt) if b is None else _weight(cuda, b, dt)
-        weights = DenseWeights(_weight(cuda, W, dt), bias, dt)
-    elif weights.dtype != dt:
-        raise ValueError(f"dense: weights were uploaded as {weights.dtype}, input computes "
-                         f"in {dt}")
+    weights = _dense_weights(cuda, W, b, weights, dt)
     lead = tuple(int(n) for n in xc.shape[:-1])
     D = int(xc.shape[-1])
     M = int(np.prod(lead, dtype=np.int64))

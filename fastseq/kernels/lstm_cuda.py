@@ -150,202 +150,6 @@ def lstm_kernels(np_dtype, rbb):
     act_fn = make_act(np_dtype)
 
     @cuda.jit(device=True)
-    def cell_step(s, t, G, bias, Uc, ldu, gstride, uoff, hin, hout, c, ylast, out, mask,
-                  j0, nu, b0, b1, KS, red, has_mask, zofm, ret_seq, act, ract):
-        # One time step for units j0..j0+nu-1 and batch rows b0..b1-1.
-        # G: [B, T, 4H] input projection x@W (no bias); bias: [4H]
-        # Uc: 1-D weights; the weights of gate g into unit j0+u are
-        #     Uc[(g*gstride + uoff + u)*ldu + k], k < H
-        # hin, hout, c, ylast: [B, H]; out: [B, T, H] (or dummy); mask: [B, T] uint8
-        # red: reduction buffer, 4*RBB*blockDim.x values (used when KS > 1)
-        tid = cuda.threadIdx.x
-        nthr = cuda.blockDim.x
-        H = hin.shape[1]
-        part = tid % KS
-        slot = tid // KS
-        nslots = nthr // KS
-        ngrp = (b1 - b0 + RBB - 1) // RBB
-        nitems = ngrp * nu
-        nrounds = (nitems + nslots - 1) // nslots
-        acc = cuda.local.array((4, RBB), nbdt)
-        for rnd in range(nrounds):
-            item = rnd * nslots + slot
-            valid = item < nitems
-            for g in range(4):
-                for r in range(RBB):
-                    acc[g, r] = ZERO
-            u = 0
-            bb0 = b0
-            if valid:
-                u = item % nu
-                bb0 = b0 + (item // nu) * RBB
-                r0 = (uoff + u) * ldu
-                r1 = (gstride + uoff + u) * ldu
-                r2 = (2 * gstride + uoff + u) * ldu
-                r3 = (3 * gstride + uoff + u) * ldu
-                # hot loop: row views hoisted, unsigned indices (no negative-index
-                # wraparound code), scalar accumulators (registers)
-                w0 = Uc[r0:r0 + H]
-                w1 = Uc[r1:r1 + H]
-                w2 = Uc[r2:r2 + H]
-                w3 = Uc[r3:r3 + H]
-                Hu = np.uint64(H)
-                ksu = np.uint64(KS)
-                k = np.uint64(part)
-                if RBB == 1:
-                    hr = hin[bb0]
-                    a0 = ZERO
-                    a1 = ZERO
-                    a2 = ZERO
-                    a3 = ZERO
-                    while k < Hu:
-                        hk = hr[k]
-                        a0 += hk * w0[k]
-                        a1 += hk * w1[k]
-                        a2 += hk * w2[k]
-                        a3 += hk * w3[k]
-                        k += ksu
-                    acc[0, 0] = a0
-                    acc[1, 0] = a1
-                    acc[2, 0] = a2
-                    acc[3, 0] = a3
-                else:
-                    # RBB == 4; rows past the batch end recompute row b1-1 (discarded)
-                    last = b1 - 1
-                    h0r = hin[min(bb0, last)]
-                    h1r = hin[min(bb0 + 1, last)]
-                    h2r = hin[min(bb0 + 2, last)]
-                    h3r = hin[min(bb0 + 3, last)]
-                    a00 = ZERO
-                    a01 = ZERO
-                    a02 = ZERO
-                    a03 = ZERO
-                    a10 = ZERO
-                    a11 = ZERO
-                    a12 = ZERO
-                    a13 = ZERO
-                    a20 = ZERO
-                    a21 = ZERO
-                    a22 = ZERO
-                    a23 = ZERO
-                    a30 = ZERO
-                    a31 = ZERO
-                    a32 = ZERO
-                    a33 = ZERO
-                    while k < Hu:
-                        x0 = w0[k]
-                        x1 = w1[k]
-                        x2 = w2[k]
-                        x3 = w3[k]
-                        hk = h0r[k]
-                        a00 += hk * x0
-                        a10 += hk * x1
-                        a20 += hk * x2
-                        a30 += hk * x3
-                        hk = h1r[k]
-                        a01 += hk * x0
-                        a11 += hk * x1
-                        a21 += hk * x2
-                        a31 += hk * x3
-                        hk = h2r[k]
-                        a02 += hk * x0
-                        a12 += hk * x1
-                        a22 += hk * x2
-                        a32 += hk * x3
-                        hk = h3r[k]
-                        a03 += hk * x0
-                        a13 += hk * x1
-                        a23 += hk * x2
-                        a33 += hk * x3
-                        k += ksu
-                    acc[0, 0] = a00
-                    acc[0, 1] = a01
-                    acc[0, 2] = a02
-                    acc[0, 3] = a03
-                    acc[1, 0] = a10
-                    acc[1, 1] = a11
-                    acc[1, 2] = a12
-                    acc[1, 3] = a13
-                    acc[2, 0] = a20
-                    acc[2, 1] = a21
-                    acc[2, 2] = a22
-                    acc[2, 3] = a23
-                    acc[3, 0] = a30
-                    acc[3, 1] = a31
-                    acc[3, 2] = a32
-                    acc[3, 3] = a33
-            if KS > 1:
-                for g in range(4):
-                    for r in range(RBB):
-                        red[(g * RBB + r) * nthr + tid] = acc[g, r]
-                cuda.syncthreads()
-                w = KS // 2
-                while w > 0:
-                    if part < w:
-                        for q in range(4 * RBB):
-                            red[q * nthr + tid] += red[q * nthr + tid + w]
-                    cuda.syncthreads()
-                    w //= 2
-                if part == 0:
-                    for g in range(4):
-                        for r in range(RBB):
-                            acc[g, r] = red[(g * RBB + r) * nthr + tid]
-                cuda.syncthreads()
-            if valid and part == 0:
-                j = j0 + u
-                for r in range(RBB):
-                    bb = bb0 + r
-                    if bb < b1:
-                        on = True
-                        if has_mask != 0:
-                            on = mask[bb, t] != 0
-                        if on:
-                            zi = acc[0, r] + (G[bb, t, j] + bias[j])
-                            zf = acc[1, r] + (G[bb, t, H + j] + bias[H + j])
-                            zc = acc[2, r] + (G[bb, t, 2 * H + j] + bias[2 * H + j])
-                            zo = acc[3, r] + (G[bb, t, 3 * H + j] + bias[3 * H + j])
-                            ig = act_fn(ract, zi)
-                            fg = act_fn(ract, zf)
-                            og = act_fn(ract, zo)
-                            cn = fg * c[bb, j] + ig * act_fn(act, zc)
-                            hn = og * act_fn(act, cn)
-                            c[bb, j] = cn
-                            hout[bb, j] = hn
-                            y = hn
-                        else:
-                            hout[bb, j] = hin[bb, j]
-                            if zofm != 0:
-                                y = ZERO
-                            else:
-                                y = ylast[bb, j]
-                        ylast[bb, j] = y
-                        if ret_seq != 0:
-                            out[bb, s, j] = y
-
-    @cuda.jit(device=True)
-    def stage_h(hin, hs, Hs, tid, nthr):
-        # hs[b*Hs + k] = hin[b, k] for every batch row b and k < H.  Each pass moves up
-        # to 8 values per thread with all 8 loads issued before the stores (one L2
-        # round trip per pass; guarded, so small B*H also gets one pass).
-        # hin: [B, H]; hs: shared, B*Hs values.
-        H = hin.shape[1]
-        n = hin.shape[0] * H
-        e = tid
-        while e < n:
-            v = cuda.local.array(8, nbdt)
-            for q in range(8):
-                eq = e + q * nthr
-                if eq < n:
-                    bq = eq // H
-                    v[q] = hin[bq, eq - bq * H]
-            for q in range(8):
-                eq = e + q * nthr
-                if eq < n:
-                    bq = eq // H
-                    hs[bq * Hs + eq - bq * H] = v[q]
-            e += 8 * nthr
-
-    @cuda.jit(device=True)
     def dot1(w0, w1, w2, w3, hr, k, ku, ksu, acc):
         # acc[g, 0] += sum over k, k+KS, ... < ku of hr[k] * wg[k]  (RBB = 1)
         a0 = ZERO
@@ -425,6 +229,128 @@ def lstm_kernels(np_dtype, rbb):
         acc[3, 1] = a31
         acc[3, 2] = a32
         acc[3, 3] = a33
+
+    @cuda.jit(device=True)
+    def cell_step(s, t, G, bias, Uc, ldu, gstride, uoff, hin, hout, c, ylast, out, mask,
+                  j0, nu, b0, b1, KS, red, has_mask, zofm, ret_seq, act, ract):
+        # One time step for units j0..j0+nu-1 and batch rows b0..b1-1.
+        # G: [B, T, 4H] input projection x@W (no bias); bias: [4H]
+        # Uc: 1-D weights; the weights of gate g into unit j0+u are
+        #     Uc[(g*gstride + uoff + u)*ldu + k], k < H
+        # hin, hout, c, ylast: [B, H]; out: [B, T, H] (or dummy); mask: [B, T] uint8
+        # red: reduction buffer, 4*RBB*blockDim.x values (used when KS > 1)
+        tid = cuda.threadIdx.x
+        nthr = cuda.blockDim.x
+        H = hin.shape[1]
+        part = tid % KS
+        slot = tid // KS
+        nslots = nthr // KS
+        ngrp = (b1 - b0 + RBB - 1) // RBB
+        nitems = ngrp * nu
+        nrounds = (nitems + nslots - 1) // nslots
+        acc = cuda.local.array((4, RBB), nbdt)
+        for rnd in range(nrounds):
+            item = rnd * nslots + slot
+            valid = item < nitems
+            for g in range(4):
+                for r in range(RBB):
+                    acc[g, r] = ZERO
+            u = 0
+            bb0 = b0
+            if valid:
+                u = item % nu
+                bb0 = b0 + (item // nu) * RBB
+                r0 = (uoff + u) * ldu
+                r1 = (gstride + uoff + u) * ldu
+                r2 = (2 * gstride + uoff + u) * ldu
+                r3 = (3 * gstride + uoff + u) * ldu
+                # hot loop: row views hoisted, unsigned indices (no negative-index
+                # wraparound code), scalar accumulators (registers)
+                w0 = Uc[r0:r0 + H]
+                w1 = Uc[r1:r1 + H]
+                w2 = Uc[r2:r2 + H]
+                w3 = Uc[r3:r3 + H]
+                Hu = np.uint64(H)
+                ksu = np.uint64(KS)
+                k = np.uint64(part)
+                if RBB == 1:
+                    dot1(w0, w1, w2, w3, hin[bb0], k, Hu, ksu, acc)
+                else:
+                    # RBB == 4; rows past the batch end recompute row b1-1 (discarded)
+                    last = b1 - 1
+                    dot4(w0, w1, w2, w3, hin[min(bb0, last)], hin[min(bb0 + 1, last)],
+                         hin[min(bb0 + 2, last)], hin[min(bb0 + 3, last)], k, Hu, ksu,
+                         acc)
+            if KS > 1:
+                for g in range(4):
+                    for r in range(RBB):
+                        red[(g * RBB + r) * nthr + tid] = acc[g, r]
+                cuda.syncthreads()
+                w = KS // 2
+                while w > 0:
+                    if part < w:
+                        for q in range(4 * RBB):
+                            red[q * nthr + tid] += red[q * nthr + tid + w]
+                    cuda.syncthreads()
+                    w //= 2
+                if part == 0:
+                    for g in range(4):
+                        for r in range(RBB):
+                            acc[g, r] = red[(g * RBB + r) * nthr + tid]
+                cuda.syncthreads()
+            if valid and part == 0:
+                j = j0 + u
+                for r in range(RBB):
+                    bb = bb0 + r
+                    if bb < b1:
+                        on = True
+                        if has_mask != 0:
+                            on = mask[bb, t] != 0
+                        if on:
+                            zi = acc[0, r] + (G[bb, t, j] + bias[j])
+                            zf = acc[1, r] + (G[bb, t, H + j] + bias[H + j])
+                            zc = acc[2, r] + (G[bb, t, 2 * H + j] + bias[2 * H + j])
+                            zo = acc[3, r] + (G[bb, t, 3 * H + j] + bias[3 * H + j])
+                            ig = act_fn(ract, zi)
+                            fg = act_fn(ract, zf)
+                            og = act_fn(ract, zo)
+                            cn = fg * c[bb, j] + ig * act_fn(act, zc)
+                            hn = og * act_fn(act, cn)
+                            c[bb, j] = cn
+                            hout[bb, j] = hn
+                            y = hn
+                        else:
+                            hout[bb, j] = hin[bb, j]
+                            if zofm != 0:
+                                y = ZERO
+                            else:
+                                y = ylast[bb, j]
+                        ylast[bb, j] = y
+                        if ret_seq != 0:
+                            out[bb, s, j] = y
+
+    @cuda.jit(device=True)
+    def stage_h(hin, hs, Hs, tid, nthr):
+        # hs[b*Hs + k] = hin[b, k] for every batch row b and k < H.  Each pass moves up
+        # to 8 values per thread with all 8 loads issued before the stores (one L2
+        # round trip per pass; guarded, so small B*H also gets one pass).
+        # hin: [B, H]; hs: shared, B*Hs values.
+        H = hin.shape[1]
+        n = hin.shape[0] * H
+        e = tid
+        while e < n:
+            v = cuda.local.array(8, nbdt)
+            for q in range(8):
+                eq = e + q * nthr
+                if eq < n:
+                    bq = eq // H
+                    v[q] = hin[bq, eq - bq * H]
+            for q in range(8):
+                eq = e + q * nthr
+                if eq < n:
+                    bq = eq // H
+                    hs[bq * Hs + eq - bq * H] = v[q]
+            e += 8 * nthr
 
     @cuda.jit(device=True)
     def load_inputs(G, bias, mask, t, j, bb0, H, has_mask, zin, mon):
