@@ -7,13 +7,17 @@ block's slice of hidden units:
   units ``j0 = bx*HB .. j0+nu`` (``nu <= HB``; the last block may be ragged) for every
   batch row.  It copies the columns of the recurrent weights that feed its units (all four
   gates, ``4*nu`` rows of ``Ut``) into shared memory once and keeps them there for the
-  whole sequence.  Between steps a grid-wide barrier (``cuda.cg.this_grid().sync()``)
-  publishes the new ``h``; ``h`` is double-buffered in global memory (step ``s`` reads
-  ``hbuf[s % 2]``, writes ``hbuf[1 - s % 2]``), so one barrier per step is enough.  The
-  cell state ``c`` of a unit is only ever touched by the thread that owns it.
+  whole sequence, and initialises its units' state (h0/c0 or zeros).  Between steps a
+  grid-wide barrier (``cuda.cg.this_grid().sync()``) publishes the new ``h``; ``h`` is
+  double-buffered in global memory (step ``s`` reads ``st[s % 2]``, writes
+  ``st[1 - s % 2]``), so one barrier per step is enough.  When all of h is small
+  (``Hs > 0``) the block copies it to shared memory at the start of each step.  The
+  cell state ``c`` of a unit is only ever touched by the thread that owns it; when
+  every item has its own threads (one round), that thread keeps c and the last output
+  in registers and loads the next step's inputs before the barrier.
 * ``lstm_step`` - the fallback when the weight slices do not fit on chip or the grid
   cannot be co-resident: one launch per step, weights read from global memory (L2).
-  Grid = (hidden-unit slices, batch chunks).
+  Grid = (hidden-unit slices, batch chunks); ``init_state`` sets its state first.
 
 Thread mapping inside a block (both kernels): the block's work is a list of *items*,
 one per (unit ``u``, group of ``RBB`` batch rows).  ``KS`` threads (a power of two)
@@ -30,8 +34,9 @@ and output rules for its item.
 Shared memory of the persistent kernel (dynamic, one array): ``Us`` = ``4*HB`` rows of
 ``Hp`` values (row ``g*HB + u`` = recurrent weights of gate ``g`` into unit ``j0+u``;
 ``Hp >= H`` is padded so the rows of the items that share a warp start in different
-banks), followed by the reduction buffer ``red`` of ``4*RBB*blockDim.x`` values (only
-when ``KS > 1``).  The per-step kernel only has ``red``.
+banks), then the staged h (``B`` rows of ``Hs`` values, ``Hs`` odd; none when
+``Hs = 0``), then the reduction buffer ``red`` of ``4*RBB*blockDim.x`` values (only when
+``KS > 1``).  The per-step kernel only has ``red``.
 
 Keras semantics (keras/src/backend/tensorflow/rnn.py): a masked step keeps h and c; its
 output is the previous output (zero before the first unmasked step) or zero with
@@ -231,6 +236,28 @@ def lstm_kernels(np_dtype, rbb):
         acc[3, 3] = a33
 
     @cuda.jit(device=True)
+    def reduce_parts(acc, red, part, KS, tid, nthr):
+        # Sum the KS partial results of each item (its KS consecutive threads) into
+        # the acc of its thread with part == 0: a shared-memory tree (red: 4*RBB*nthr
+        # values).  Every thread of the block must call it (barriers inside).
+        for g in range(4):
+            for r in range(RBB):
+                red[(g * RBB + r) * nthr + tid] = acc[g, r]
+        cuda.syncthreads()
+        w = KS // 2
+        while w > 0:
+            if part < w:
+                for q in range(4 * RBB):
+                    red[q * nthr + tid] += red[q * nthr + tid + w]
+            cuda.syncthreads()
+            w //= 2
+        if part == 0:
+            for g in range(4):
+                for r in range(RBB):
+                    acc[g, r] = red[(g * RBB + r) * nthr + tid]
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
     def cell_step(s, t, G, bias, Uc, ldu, gstride, uoff, hin, hout, c, ylast, out, mask,
                   j0, nu, b0, b1, KS, red, has_mask, zofm, ret_seq, act, ract):
         # One time step for units j0..j0+nu-1 and batch rows b0..b1-1.
@@ -282,22 +309,7 @@ def lstm_kernels(np_dtype, rbb):
                          hin[min(bb0 + 2, last)], hin[min(bb0 + 3, last)], k, Hu, ksu,
                          acc)
             if KS > 1:
-                for g in range(4):
-                    for r in range(RBB):
-                        red[(g * RBB + r) * nthr + tid] = acc[g, r]
-                cuda.syncthreads()
-                w = KS // 2
-                while w > 0:
-                    if part < w:
-                        for q in range(4 * RBB):
-                            red[q * nthr + tid] += red[q * nthr + tid + w]
-                    cuda.syncthreads()
-                    w //= 2
-                if part == 0:
-                    for g in range(4):
-                        for r in range(RBB):
-                            acc[g, r] = red[(g * RBB + r) * nthr + tid]
-                cuda.syncthreads()
+                reduce_parts(acc, red, part, KS, tid, nthr)
             if valid and part == 0:
                 j = j0 + u
                 for r in range(RBB):
@@ -500,22 +512,7 @@ def lstm_kernels(np_dtype, rbb):
                             dot4(w0, w1, w2, w3, hin[q0], hin[q1], hin[q2], hin[q3], k,
                                  Hu, ksu, acc)
                 if KS > 1:
-                    for g in range(4):
-                        for r in range(RBB):
-                            red[(g * RBB + r) * nthr + tid] = acc[g, r]
-                    cuda.syncthreads()
-                    w = KS // 2
-                    while w > 0:
-                        if part < w:
-                            for q in range(4 * RBB):
-                                red[q * nthr + tid] += red[q * nthr + tid + w]
-                        cuda.syncthreads()
-                        w //= 2
-                    if part == 0:
-                        for g in range(4):
-                            for r in range(RBB):
-                                acc[g, r] = red[(g * RBB + r) * nthr + tid]
-                    cuda.syncthreads()
+                    reduce_parts(acc, red, part, KS, tid, nthr)
                 if valid and part == 0:
                     j = j0 + u
                     for r in range(RBB):
