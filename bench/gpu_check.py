@@ -285,14 +285,15 @@ def semantics_check(ctx, B, H, T, args):
     mask[0, : T // 3] = False
     mask[-1] = False
     for dt in (np.float32, np.float64):
-        for mode in ("persistent", "stepwise", "numba_gemm"):
+        for mode in ("persistent", "stepwise", "numba_gemm", "wide"):
             for back, zofm in ((False, False), (True, True)):
                 r = {"dtype": np.dtype(dt).name, "mode": mode, "go_backwards": back,
                      "zero_output_for_mask": zofm}
-                old = (_cuda.LSTM_MODE, _cuda.USE_CUPY)
+                old = (_cuda.LSTM_MODE, _cuda.USE_CUPY, _cuda.LSTM_WIDE)
                 try:
                     _cuda.LSTM_MODE = "stepwise" if mode == "stepwise" else "auto"
                     _cuda.USE_CUPY = mode != "numba_gemm"
+                    _cuda.LSTM_WIDE = "on" if mode == "wide" else "off"
                     kw = dict(initial_state=[h0.astype(dt), c0.astype(dt)], mask=mask,
                               return_sequences=True, return_state=True,
                               go_backwards=back, zero_output_for_mask=zofm)
@@ -308,7 +309,7 @@ def semantics_check(ctx, B, H, T, args):
                     r["error"] = f"{type(exc).__name__}: {exc}"
                     r["ok"] = False
                 finally:
-                    _cuda.LSTM_MODE, _cuda.USE_CUPY = old
+                    _cuda.LSTM_MODE, _cuda.USE_CUPY, _cuda.LSTM_WIDE = old
                 res.append(r)
     return res
 
@@ -365,8 +366,13 @@ def tuning(ctx, T, K, args):
         (8, 1024, {"H_STAGE_BYTES": 48 * KB}),
         (64, 256, {"H_STAGE_BYTES": 0}),
         (64, 256, {"H_STAGE_BYTES": 96 * KB}),
-        (256, 1024, {"PERSISTENT_BLOCKS_PER_SM": 1}),
-        (256, 1024, {"PERSISTENT_BLOCKS_PER_SM": 2})])
+        (256, 1024, {"LSTM_WIDE": "off"}),
+        (256, 1024, {"LSTM_WIDE": "on"}),
+        (256, 1024, {"LSTM_WIDE": "on", "WIDE_K_TILE": 64}),
+        (128, 512, {"LSTM_WIDE": "off"}),
+        (128, 512, {"LSTM_WIDE": "on"}),
+        (256, 256, {"LSTM_WIDE": "off"}),
+        (256, 256, {"LSTM_WIDE": "on"})])
     weights = {}
     for B, HH, tun in lstm_grid:
         if time.perf_counter() > args.deadline:

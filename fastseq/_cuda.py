@@ -55,6 +55,12 @@ MAX_SHARED_BYTES = None
 # H_STAGE_BYTES (else the dot products read it from global memory).
 MAX_THREADS_PER_ITEM = 32
 H_STAGE_BYTES = 48 * 1024
+# Wide batches (experimental, not yet timed on a GPU): "off", "auto" (the wide-batch
+# kernel, kernels/lstm_cuda.wide_kernel, for WIDE_MIN_BATCH <= B <= 256 when it fits)
+# or "on" (an error when it cannot run).  WIDE_K_TILE: columns of h staged per tile.
+LSTM_WIDE = "off"
+WIDE_MIN_BATCH = 128
+WIDE_K_TILE = 32
 # Input projections up to this size reuse one cached device buffer per dtype (larger
 # ones are allocated per call).
 WORKSPACE_CACHE_BYTES = 64 * 1024 * 1024
@@ -413,6 +419,55 @@ def _cupy():
     return cupy
 
 
+def _wide_plan(cuda, kernel, sig, B, H, itemsize):
+    """(HB, KT, threads, smem_bytes, nblocks) for the wide-batch kernel, or (None,
+    reason)."""
+    from .kernels.lstm_cuda import WIDE_MAX_BATCH, WIDE_ROWS_PER_LANE
+    key = ("wide", B, H, itemsize, HIDDEN_PER_BLOCK, PERSISTENT_BLOCKS_PER_SM,
+           MAX_SHARED_BYTES, WIDE_K_TILE, id(kernel))
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None:
+        return hit
+    if B > WIDE_MAX_BATCH:
+        result = (None, f"B = {B} is more than the wide kernel's {WIDE_MAX_BATCH} rows")
+        _PLAN_CACHE[key] = result
+        return result
+    limit = _smem_limit(cuda)
+    if HIDDEN_PER_BLOCK is not None:
+        start = stop = max(1, min(int(HIDDEN_PER_BLOCK), H))
+    else:
+        try:
+            sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+        except Exception:
+            sms = 1
+        start = max(1, -(-H // max(1, sms * int(PERSISTENT_BLOCKS_PER_SM))))
+        stop = H
+    maxthr = min(1024, _kernel_max_threads(kernel, sig, 1024))
+    kt = max(1, min(int(WIDE_K_TILE), H))
+    result = (None, "no hidden-unit slice fits")
+    for hb in range(start, stop + 1):
+        tpb = 32 * hb
+        nblk = -(-H // hb)
+        smem = itemsize * (4 * hb * H + kt * (32 * WIDE_ROWS_PER_LANE + 1))
+        if tpb > maxthr or smem > limit:
+            result = (None, f"{hb} hidden units per block need {tpb} threads and {smem} "
+                            f"bytes of shared memory (at most {maxthr} and {limit})")
+            break
+        try:
+            _enable_smem(cuda, kernel, sig, smem)
+            maxb = _coop_blocks(kernel, sig, tpb, smem)
+        except Exception as exc:
+            result = (None, f"occupancy query failed ({type(exc).__name__}: {exc})")
+            break
+        if nblk <= maxb:
+            result = (hb, kt, tpb, smem, nblk)
+            break
+        result = (None, f"a cooperative grid of {nblk} blocks cannot be co-resident "
+                        f"(at most {maxb})")
+    _PLAN_CACHE[key] = result
+    return result
+
+
 def _matmul(cuda, A, Bm, C):
     """C = A @ Bm for contiguous 2-D device arrays (CuPy/cuBLAS when available; CuPy or
     Numba arrays)."""
@@ -712,6 +767,27 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
         else:
             _matmul(cuda, xd.reshape(B * T, D), weights.W, G3.reshape(B * T, G4))
         reason = "LSTM_MODE='stepwise'"
+        wide = LSTM_WIDE
+        if wide not in ("off", "auto", "on"):
+            raise ValueError(f"LSTM_WIDE must be 'off', 'auto' or 'on', got {wide!r}")
+        if mode != "stepwise" and (wide == "on" or (wide == "auto"
+                                                    and B >= int(WIDE_MIN_BATCH))):
+            from .kernels import lstm_cuda as lk
+            sigw = lk.wide_signature(dt)
+            kw = _jit(cuda, ("lstm", "wide", dt.str), lk.wide_kernel(dt), sigw)
+            plan = _wide_plan(cuda, kw, sigw, B, H, dt.itemsize)
+            if plan[0] is not None:
+                hb, kt, wtpb, smem, nblk = plan
+                kw[nblk, wtpb, 0, smem](G3, weights.Ut, weights.b, st, out, maskd, h0d,
+                                        c0d, hb | kt << 20 | H << 40, flags)
+                LAUNCHES["lstm_wide"] += 1
+                last_lstm_path = ("wide", f"{nblk} blocks x {wtpb} threads, {hb} hidden "
+                                          f"units per block, h tiles of {kt}, {smem} "
+                                          "bytes shared")
+                return _lstm_outputs(res, T, return_sequences)
+            if wide == "on":
+                raise RuntimeError(f"lstm: the wide-batch CUDA kernel cannot run: "
+                                   f"{plan[1]}")
         if mode != "stepwise":
             try:
                 kp, sigp = _lstm_kernel(cuda, "persistent", dt, rbb)
@@ -1080,6 +1156,8 @@ def kernel_catalog():
                         ks.signatures["persistent"]))
             cat.append((f"lstm_step[{dt.name},RBB={rbb}]", ks.step,
                         ks.signatures["step"]))
+        cat.append((f"lstm_persistent_wide[{dt.name}]", lstm_cuda.wide_kernel(dt),
+                    lstm_cuda.wide_signature(dt)))
         ks1 = lstm_cuda.lstm_kernels(dt, 1)
         cat.append((f"transpose[{dt.name}]", ks1.transpose, ks1.signatures["transpose"]))
         cat.append((f"init_state[{dt.name}]", ks1.init_state, ks1.signatures["init_state"]))
