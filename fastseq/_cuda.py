@@ -362,15 +362,7 @@ def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb_max, rbb):
     if hit is not None:
         return hit
     limit = _smem_limit(cuda)
-    if HIDDEN_PER_BLOCK is not None:
-        start = stop = max(1, min(int(HIDDEN_PER_BLOCK), H))
-    else:
-        try:
-            sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
-        except Exception:
-            sms = 1
-        start = max(1, -(-H // max(1, sms * int(PERSISTENT_BLOCKS_PER_SM))))
-        stop = H
+    start, stop = _slice_range(cuda, H)
     ngrp = -(-B // rbb)
     tpb_max = min(tpb_max, _kernel_max_threads(kernel, sig, tpb_max))
     result = None
@@ -419,6 +411,19 @@ def _cupy():
     return cupy
 
 
+def _slice_range(cuda, H):
+    """(first, last) hidden units per block a persistent plan tries: HIDDEN_PER_BLOCK,
+    else from H / (SMs * PERSISTENT_BLOCKS_PER_SM) up to H."""
+    if HIDDEN_PER_BLOCK is not None:
+        n = max(1, min(int(HIDDEN_PER_BLOCK), H))
+        return n, n
+    try:
+        sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:
+        sms = 1
+    return max(1, -(-H // max(1, sms * int(PERSISTENT_BLOCKS_PER_SM)))), H
+
+
 def _wide_plan(cuda, kernel, sig, B, H, itemsize):
     """(HB, KT, threads, smem_bytes, nblocks) for the wide-batch kernel, or (None,
     reason)."""
@@ -433,15 +438,7 @@ def _wide_plan(cuda, kernel, sig, B, H, itemsize):
         _PLAN_CACHE[key] = result
         return result
     limit = _smem_limit(cuda)
-    if HIDDEN_PER_BLOCK is not None:
-        start = stop = max(1, min(int(HIDDEN_PER_BLOCK), H))
-    else:
-        try:
-            sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
-        except Exception:
-            sms = 1
-        start = max(1, -(-H // max(1, sms * int(PERSISTENT_BLOCKS_PER_SM))))
-        stop = H
+    start, stop = _slice_range(cuda, H)
     maxthr = min(1024, _kernel_max_threads(kernel, sig, 1024))
     kt = max(1, min(int(WIDE_K_TILE), H))
     result = (None, "no hidden-unit slice fits")

@@ -632,7 +632,7 @@ def test_gpu_check_script_dry_run(tmp_path):
         assert row[key] > 0, key
     assert row["argmax_agree"] == 1.0
     assert row["rel_err_lstm"] <= 1e-5 and row["rel_err_dense"] <= 1e-5
-    assert len(rep["semantics"]) == 12 and all(r["ok"] for r in rep["semantics"])
+    assert len(rep["semantics"]) == 16 and all(r["ok"] for r in rep["semantics"])
     # the BPTT kernels against the CPU ones: two dtypes x both directions
     assert len(rep["training"]) == 4 and all(r["ok"] for r in rep["training"])
     assert rep["training"][0]["t_fastseq_vjp_ms"] > 0

@@ -100,6 +100,40 @@ def make_act(np_dtype):
     return act
 
 
+@cuda.jit(device=True)
+def unpack_flags(flags):
+    """(has_mask, go_back, zofm, ret_seq, has_h0, has_c0, act, ract) from the packed
+    ``flags`` of the persistent kernels."""
+    return (flags & 1, (flags >> 1) & 1, (flags >> 2) & 1, (flags >> 3) & 1,
+            (flags >> 4) & 1, (flags >> 5) & 1, (flags >> 8) & 0xFF, (flags >> 16) & 0xFF)
+
+
+@cuda.jit(device=True)
+def block_prologue(Ut, Us, st, h0, c0, j0, nu, HB, Hp, has_h0, has_c0):
+    """A persistent block's start: copy the recurrent weights of its units j0..j0+nu-1
+    (all four gates) into shared memory, Us[(g*HB + u)*Hp + k] = Ut[g*H + j0 + u, k],
+    and set their initial state in st [4, B, H] (h0 or 0, c0 or 0, last output 0).
+    Ut: [4H, H]; h0, c0: [B, H] (or dummies when absent).  Every thread of the block
+    calls it; it ends with a block barrier (the caller's grid barrier publishes st)."""
+    H = Ut.shape[1]
+    B = st.shape[1]
+    tid = cuda.threadIdx.x
+    nthr = cuda.blockDim.x
+    for e in range(tid, 4 * nu * H, nthr):
+        row = e // H
+        k = e - row * H
+        g = row // nu
+        u = row - g * nu
+        Us[(g * HB + u) * Hp + k] = Ut[g * H + j0 + u, k]
+    for e in range(tid, B * nu, nthr):
+        b = e // nu
+        j = j0 + e - b * nu
+        st[0, b, j] = h0[b, j] if has_h0 != 0 else 0
+        st[2, b, j] = c0[b, j] if has_c0 != 0 else 0
+        st[3, b, j] = 0
+    cuda.syncthreads()
+
+
 class LSTMKernels:
     """Python kernel functions for one (dtype, RBB), plus their Numba signatures."""
 
@@ -394,14 +428,8 @@ def lstm_kernels(np_dtype, rbb):
         HB = geo & 0xFFFFF
         KS = (geo >> 20) & 0xFFFFF
         Hp = geo >> 40
-        has_mask = flags & 1
-        go_back = (flags >> 1) & 1
-        zofm = (flags >> 2) & 1
-        ret_seq = (flags >> 3) & 1
-        has_h0 = (flags >> 4) & 1
-        has_c0 = (flags >> 5) & 1
-        act = (flags >> 8) & 0xFF
-        ract = (flags >> 16) & 0xFF
+        has_mask, go_back, zofm, ret_seq, has_h0, has_c0, act, ract = \
+            unpack_flags(flags)
         j0 = cuda.blockIdx.x * HB
         nu = min(HB, H - j0)
         tid = cuda.threadIdx.x
@@ -412,21 +440,7 @@ def lstm_kernels(np_dtype, rbb):
         Us = sm[:nus]
         hs = sm[nus:nus + nhs]
         red = sm[nus + nhs:]
-        total = 4 * nu * H
-        for e in range(tid, total, nthr):
-            row = e // H
-            k = e - row * H
-            g = row // nu
-            u = row - g * nu
-            Us[(g * HB + u) * Hp + k] = Ut[g * H + j0 + u, k]
-        # initial state of this block's units
-        for e in range(tid, B * nu, nthr):
-            b = e // nu
-            j = j0 + e - b * nu
-            st[0, b, j] = h0[b, j] if has_h0 != 0 else ZERO
-            st[2, b, j] = c0[b, j] if has_c0 != 0 else ZERO
-            st[3, b, j] = ZERO
-        cuda.syncthreads()
+        block_prologue(Ut, Us, st, h0, c0, j0, nu, HB, Hp, has_h0, has_c0)
         grid = cuda.cg.this_grid()
         grid.sync()
         part = tid % KS
@@ -698,14 +712,8 @@ def wide_kernel(np_dtype):
         HB = geo & 0xFFFFF
         KT = (geo >> 20) & 0xFFFFF
         Hp = geo >> 40
-        has_mask = flags & 1
-        go_back = (flags >> 1) & 1
-        zofm = (flags >> 2) & 1
-        ret_seq = (flags >> 3) & 1
-        has_h0 = (flags >> 4) & 1
-        has_c0 = (flags >> 5) & 1
-        act = (flags >> 8) & 0xFF
-        ract = (flags >> 16) & 0xFF
+        has_mask, go_back, zofm, ret_seq, has_h0, has_c0, act, ract = \
+            unpack_flags(flags)
         j0 = cuda.blockIdx.x * HB
         nu = min(HB, H - j0)
         tid = cuda.threadIdx.x
@@ -716,19 +724,7 @@ def wide_kernel(np_dtype):
         nus = 4 * HB * Hp
         Us = sm[:nus]
         hs = sm[nus:nus + KT * BP]
-        for e in range(tid, 4 * nu * H, nthr):
-            row = e // H
-            k = e - row * H
-            g = row // nu
-            uu = row - g * nu
-            Us[(g * HB + uu) * Hp + k] = Ut[g * H + j0 + uu, k]
-        for e in range(tid, B * nu, nthr):
-            b = e // nu
-            j = j0 + e - b * nu
-            st[0, b, j] = h0[b, j] if has_h0 != 0 else ZERO
-            st[2, b, j] = c0[b, j] if has_c0 != 0 else ZERO
-            st[3, b, j] = ZERO
-        cuda.syncthreads()
+        block_prologue(Ut, Us, st, h0, c0, j0, nu, HB, Hp, has_h0, has_c0)
         grid = cuda.cg.this_grid()
         grid.sync()
         mine = u < nu
