@@ -292,6 +292,24 @@ def _worker(out_dir):
         return res
     run("wide_limits", wide_limits)
 
+    # the input projection's cached buffer: one per dtype (here: one float32 buffer),
+    # freed by release_workspace
+    def workspace():
+        _patched(_cuda, dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=16))
+        try:
+            inp = lstm_inputs("persistent_mask_states_seq")
+            args = (inp["x"], inp["W"], inp["U"], inp["b"], None, None, None)
+            first = _cuda.lstm_cuda(*args, return_sequences=True)[0]
+            n_cached = sum(k[1] == np.dtype(np.float32).str for k in _cuda._WS)
+            _cuda.release_workspace()
+            n_released = len(_cuda._WS)
+            again = _cuda.lstm_cuda(*args, return_sequences=True)[0]
+            return {"cached": n_cached, "released": n_released,
+                    "same": bool(np.array_equal(first, again))}
+        finally:
+            _patched(_cuda, defaults)
+    run("workspace", workspace)
+
     for name, c in DENSE_CASES.items():
         def dense_case(name=name, c=c):
             inp = dense_inputs(name)
@@ -499,6 +517,11 @@ def test_forced_persistent_refuses_when_it_cannot_run(sim):
     assert "co-resident" in info["raised"]
     assert not info["launches"].get("lstm_persistent") and \
         not info["launches"].get("lstm_step")
+
+
+def test_workspace_is_cached_and_released(sim):
+    info = _meta(sim, "workspace")
+    assert info["cached"] == 1 and info["released"] == 0 and info["same"], info
 
 
 def test_wide_kernel_limits(sim, assert_close):
