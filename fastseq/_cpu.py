@@ -108,7 +108,12 @@ def _use_unit_split(B, T, D, H, table, go_backwards):
         return False
     step = B * H * 4 * H
     return (step >= config.SPLIT_UNITS_MIN_STEP_MACS
-            and T * B * (D + H) * 4 * H >= 2 * config.MIN_MACS_PER_THREAD)
+            and _split_macs(B, T, D, H) >= 2 * config.MIN_MACS_PER_THREAD)
+
+
+def _split_macs(B, T, D, H):
+    """Multiply-adds of an LSTM call's input projection and recurrence."""
+    return T * B * (D + H) * 4 * H
 
 
 # part 0 of a split job (a module attribute, so tests can count the calls without
@@ -161,8 +166,7 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
                 # a long job waits a little for it (a job that ran alone for longer
                 # than the worker's spin time would find it dozing at every call)
                 worker.wake()
-                macs = T * B * (D + H) * 4 * H
-                ready = (macs >= config.SPLIT_WAKE_WAIT_MACS
+                ready = (_split_macs(B, T, D, H) >= config.SPLIT_WAKE_WAIT_MACS
                          and _await_worker(worker, config.SPLIT_WAKE_WAIT_S))
             if ready:
                 worker.seq += 1

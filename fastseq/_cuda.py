@@ -520,19 +520,19 @@ def _dummy(cuda, shape, dt, dev=None):
     return d
 
 
-def _workspace(cuda, shape, dt, dev):
+def _workspace(cuda, cupy, shape, dt, dev):
     """(numba, cupy or None) C-contiguous device arrays of ``shape`` and dtype ``dt``
-    (the CuPy one only when CuPy may be used).  Sizes up to WORKSPACE_CACHE_BYTES are
-    views of one grow-only buffer per (device, dtype), the views cached per shape: the
-    caller must hold _WS_LOCK until its last use of the buffer is enqueued (every
-    kernel runs on the default stream, so later users wait for it)."""
+    (the CuPy one only when ``cupy``, from _cupy(), is given).  Sizes up to
+    WORKSPACE_CACHE_BYTES are views of one grow-only buffer per (device, dtype), the
+    views cached per shape: the caller must hold _WS_LOCK until its last use of the
+    buffer is enqueued (every kernel runs on the default stream, so later users wait
+    for it)."""
     dt = np.dtype(dt)
-    cupy = _cupy()
     n = int(np.prod(shape))
     if n * dt.itemsize > int(WORKSPACE_CACHE_BYTES):
         if cupy is not None:
             c = cupy.empty(shape, dt)
-            return cuda.as_cuda_array(c, sync=False), c
+            return _numba_view(cuda, c), c
         return cuda.device_array(shape, dtype=dt), None
     key = (dev, dt.str)
     ent = _WS.get(key)
@@ -754,19 +754,19 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     mode = LSTM_MODE
     if mode not in ("auto", "persistent", "stepwise"):
         raise ValueError(f"LSTM_MODE must be 'auto', 'persistent' or 'stepwise', got {mode!r}")
+    wide = LSTM_WIDE
+    if wide not in ("off", "auto", "on"):
+        raise ValueError(f"LSTM_WIDE must be 'off', 'auto' or 'on', got {wide!r}")
 
     with _WS_LOCK:
-        G3, Gc = _workspace(cuda, (B, T, G4), dt, dev)
-        if Gc is not None and cupy is not None:
+        G3, Gc = _workspace(cuda, cupy, (B, T, G4), dt, dev)
+        if Gc is not None:
             cupy.matmul(cupy.asarray(xd).reshape(B * T, D), _as_cupy(cupy, weights.W),
                         out=Gc.reshape(B * T, G4))
             LAUNCHES["cupy_gemm"] += 1
         else:
             _matmul(cuda, xd.reshape(B * T, D), weights.W, G3.reshape(B * T, G4))
         reason = "LSTM_MODE='stepwise'"
-        wide = LSTM_WIDE
-        if wide not in ("off", "auto", "on"):
-            raise ValueError(f"LSTM_WIDE must be 'off', 'auto' or 'on', got {wide!r}")
         if mode != "stepwise" and (wide == "on" or (wide == "auto"
                                                     and B >= int(WIDE_MIN_BATCH))):
             from .kernels import lstm_cuda as lk
@@ -854,9 +854,10 @@ def _launch_init_state(cuda, dt, st, h0d, c0d, flags):
 
 
 def _lstm_alloc(cuda, cupy, kind, B, T, H, return_sequences, dt, dev):
-    """(res, st, out): the arrays a call returns, as ``res`` for _lstm_outputs, and the Numba views the kernels write: st [4, B, H], out
-    [B, T, H] (a dummy without return_sequences).  CuPy in -> CuPy arrays from CuPy's
-    pool; else one Numba allocation for both."""
+    """(res, st, out): the arrays a call returns, as ``res`` for _lstm_outputs, and the
+    Numba views the kernels write: st [4, B, H], out [B, T, H] (a dummy without
+    return_sequences).  CuPy in -> CuPy arrays from CuPy's pool; else one Numba
+    allocation for both."""
     if kind == "cupy" and cupy is not None:
         stc = cupy.empty((4, B, H), dt)
         outc = cupy.empty((B, T, H), dt) if return_sequences else None

@@ -42,8 +42,7 @@ def _stop_workers_at_exit():
     compilation finish; the loop then sees MB_QUIT and returns at once."""
     ws = [w for w in list(_workers.values()) if w is not None and w.pid == os.getpid()]
     for w in ws:
-        w.mb[w.kw.MB_QUIT] = 1
-        w.mb[w.kw.MB_POKE] = 1
+        w.stop()
     for w in ws:
         w.thread.join(timeout=config.WORKER_EXIT_WAIT_S)
 
@@ -185,6 +184,11 @@ class Worker:
     def wake(self):
         """Make a dozing worker spin again (for SPLIT_WORKER_IDLE_TICKS as now set)."""
         self.mb[self.kw.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
+        self.mb[self.kw.MB_POKE] = 1
+
+    def stop(self):
+        """Make the worker's loop return (after the job it may be running)."""
+        self.mb[self.kw.MB_QUIT] = 1
         self.mb[self.kw.MB_POKE] = 1
 
     def rest(self):

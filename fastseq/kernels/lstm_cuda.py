@@ -647,7 +647,6 @@ def _wide_tile_fma(rb):
     loop with a run-time trip count is kept in local memory).  Generated source, since
     Numba does not unroll loops."""
     bp = 32 * rb + 1
-    names = [f"a{i}_{g}" for i in range(rb) for g in range(4)]
     lines = ["def tile_fma(hs, lane, w0, w1, w2, w3, kt, acc):"]
     lines += [f"    a{i}_{g} = acc[{i}, {g}]" for i in range(rb) for g in range(4)]
     lines += ["    base = lane",
@@ -663,7 +662,6 @@ def _wide_tile_fma(rb):
     lines += [f"    acc[{i}, {g}] = a{i}_{g}" for i in range(rb) for g in range(4)]
     ns = {}
     exec(compile("\n".join(lines), f"<fastseq wide tile_fma rb={rb}>", "exec"), ns)
-    assert len(names) == 4 * rb
     return cuda.jit(device=True)(ns["tile_fma"])
 
 
