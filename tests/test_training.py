@@ -230,6 +230,37 @@ def test_lstm_vjp_initial_state_and_return_state(dtype):
                      names)
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rows,units", [(9, 37), (13, 18)])
+def test_lstm_vjp_at_register_tile_edges(rows, units, dtype):
+    """The recurrent products of the training kernels go four rows by four outputs at
+    a time: sizes that leave rows and outputs over (H not a multiple of 4, B = 4k + 1),
+    with ragged masks in both directions, against tf.GradientTape."""
+    rng = np.random.default_rng(rows)
+    steps, D = 6, 5
+    x = rng.standard_normal((rows, steps, D)).astype(dtype)
+    lengths = rng.integers(0, steps + 1, size=rows)
+    mask = np.arange(steps)[None, :] < lengths[:, None]
+    for go_backwards in (False, True):
+        layer = L.LSTM(units, return_sequences=True, go_backwards=go_backwards,
+                       dtype=dtype)
+        layer.build((None, None, D))
+        for v in layer.weights:
+            v.assign(rng.uniform(-0.5, 0.5, v.shape).astype(dtype))
+        W, U, b = (v.numpy() for v in layer.weights)
+        d_out = rng.standard_normal((rows, steps, units)).astype(dtype)
+        xs = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            obj = tf.reduce_sum(layer(xs, mask=tf.constant(mask)) * d_out)
+        want = tape.gradient(obj, [xs, *layer.trainable_weights])
+        got = training.lstm_vjp(x, W, U, b, d_out, mask=mask, return_sequences=True,
+                                go_backwards=go_backwards)
+        names = ["x", "kernel", "recurrent_kernel", "bias"]
+        _check_grads([got[n] for n in names], [w.numpy() for w in want], RTOL[dtype],
+                     names)
+
 def _tagger_keras(seed=0, units=6):
     model = keras.Sequential([keras.Input((None,), dtype="int32"),
                               L.Embedding(V, E, mask_zero=True),
