@@ -174,18 +174,38 @@ def _adam_rows_kernel(w, m, v, vhat, slot, gsum, g2sum, zeros, lo, hi, c1, c2, a
                       eps, amsgrad):
     """Keras 3 Adam on rows [lo, hi) of a [V, E] weight whose gradient is row-sparse
     (summed by _sum_rows), in place, without forming the dense gradient: rows without
-    gradient are updated too, as the dense update does.
+    gradient are updated too, as the dense update does (with a zero gradient, and a
+    run of such rows as one flat stretch, in blocks of ``len(zeros)``).
 
-    w, m, v: [V, E] weight and moments;  vhat: [V, E] (amsgrad) or [1, E]
-    slot, gsum, g2sum: from _sum_rows;  zeros: [E] zeros
+    w, m, v: [V, E] weight and moments (C-contiguous);  vhat: [V, E] (amsgrad) or [1, E]
+    slot, gsum, g2sum: from _sum_rows;  zeros: [Z] zeros, Z >= E
     c1, c2, alpha, eps, amsgrad: as in _adam_kernel
     """
-    for k in range(lo, hi):
+    E = w.shape[1]
+    Z = zeros.shape[0]
+    wf = w.reshape(-1)
+    mf = m.reshape(-1)
+    vf = v.reshape(-1)
+    hf = vhat.reshape(-1)
+    k = lo
+    while k < hi:
         s = slot[k]
-        g = gsum[s] if s >= 0 else zeros
-        g2 = g2sum[s] if s >= 0 else zeros
-        _adam_block(w[k], g, g2, m[k], v[k], vhat[k] if amsgrad else vhat[0], c1, c2,
-                    alpha, eps, amsgrad, True)
+        if s >= 0:
+            _adam_block(w[k], gsum[s], g2sum[s], m[k], v[k],
+                        vhat[k] if amsgrad else vhat[0], c1, c2, alpha, eps, amsgrad,
+                        True)
+            k += 1
+            continue
+        k1 = k + 1
+        while k1 < hi and slot[k1] < 0:
+            k1 += 1
+        for a in range(k * E, k1 * E, Z):
+            b = min(k1 * E, a + Z)
+            n = b - a
+            _adam_block(wf[a:b], zeros[:n], zeros[:n], mf[a:b], vf[a:b],
+                        hf[a:b] if amsgrad else vhat[0], c1, c2, alpha, eps, amsgrad,
+                        True)
+        k = k1
 
 
 _POOL = None
@@ -417,7 +437,7 @@ class Adam(Optimizer):
             slot = s["slot"]
             rows = np.ascontiguousarray(g.values, dtype=v.dtype)
             vh = s["vhat"] if self.amsgrad else np.zeros((1, E), v.dtype)
-            zeros = np.zeros(E, v.dtype)
+            zeros = np.zeros(max(E, 512), v.dtype)
             try:
                 # inside the try: an interrupt as _sum_rows returns must not leave
                 # slot entries behind (the next step would read stale gsum rows)

@@ -110,6 +110,29 @@ def test_sparse_rows_like_indexed_slices(kind, kw):
         np.testing.assert_allclose(a, v.numpy(), rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_sparse_adam_equals_dense_adam(amsgrad):
+    """Adam with row gradients (no repeated index) updates every row exactly as with
+    the same gradient given dense: rows without gradient, updated in long flat runs
+    (here runs longer than one 512-value block, E not dividing 512), included."""
+    rng = np.random.default_rng(7)
+    V, E = 300, 7
+    w0 = rng.standard_normal((V, E)).astype(np.float32)
+    sparse, dense = w0.copy(), w0.copy()
+    o_sparse = optimizers.Adam(0.01, amsgrad=amsgrad)
+    o_dense = optimizers.Adam(0.01, amsgrad=amsgrad)
+    for step in range(3):
+        idx = rng.choice(V, size=5, replace=False)
+        idx[0] = [0, V - 1, 150][step]  # first row, last row, a middle one
+        rows = rng.standard_normal((5, E)).astype(np.float32)
+        g = np.zeros((V, E), np.float32)
+        g[idx] = rows
+        o_sparse.apply([SparseRows(idx, rows, (V, E))], [sparse])
+        o_dense.apply([g], [dense])
+        np.testing.assert_array_equal(sparse, dense)
+    assert not np.array_equal(sparse, w0)
+
 def test_sparse_rows_to_dense():
     sr = SparseRows([1, 1, 3], np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), (4, 2))
     np.testing.assert_array_equal(sr.to_dense(), [[0, 0], [4, 6], [0, 0], [5, 6]])
