@@ -5,8 +5,8 @@ PyTorch (packed sequences, masked mean cross-entropy, Adam).
 
     python -m pytest bench/bench_train.py --benchmark-only
     python -m pytest bench/bench_train.py --benchmark-only --fastseq-quick   # tiny
-    python bench/bench_train.py [--steps 30] [--threads 2]   # side by side, one process
-                                                              # per framework
+    python bench/bench_train.py [--steps 30] [--rounds 3] [--threads 2]
+        # side by side: one process per framework and round, the frameworks alternating
 
 Each benchmark round is one step on the next batch of a fixed list of batches (the
 same batches for every framework), so rounds cover a spread of sentence lengths.  The
@@ -140,7 +140,8 @@ def _time_steps(fw, steps, threads, quick):
         step(*b)
         times.append(time.perf_counter() - t0)
     return {"median_ms": float(np.median(times) * 1e3),
-            "mean_ms": float(np.mean(times) * 1e3), "steps": len(times)}
+            "mean_ms": float(np.mean(times) * 1e3), "steps": len(times),
+            "times_ms": [t * 1e3 for t in times]}
 
 
 def main(argv=None):
@@ -148,7 +149,10 @@ def main(argv=None):
     import json
     import subprocess
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=30, help="timed steps per framework")
+    p.add_argument("--steps", type=int, default=30,
+                   help="timed steps per framework and round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="processes per framework, the frameworks alternating")
     p.add_argument("--threads", type=int, default=None, help="threads for every framework")
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     p.add_argument("--quick", action="store_true")
@@ -157,24 +161,40 @@ def main(argv=None):
     if args.worker:  # child process: one framework, JSON on stdout's last line
         print(json.dumps(_time_steps(args.worker, args.steps, args.threads, args.quick)))
         return 0
-    res = {}
+    # the frameworks' processes alternate, round after round, so that a slow spell of
+    # this shared machine does not fall on one framework only; each framework's figure
+    # is the median over all its timed steps
+    fws = []
     for fw in args.frameworks.split(","):
         why = missing(fw)
         if why:
             print(f"{fw}: {why}")
+        else:
+            fws.append(fw)
+    times = {fw: [] for fw in fws}
+    rounds = {fw: [] for fw in fws}
+    for _ in range(args.rounds):
+        for fw in fws:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw,
+                   "--steps", str(args.steps)] + (["--threads", str(args.threads)]
+                                                   if args.threads else []) + \
+                (["--quick"] if args.quick else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{fw}: failed\n{out.stderr[-2000:]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            times[fw] += r["times_ms"]
+            rounds[fw].append(r["median_ms"])
+    res = {}
+    for fw in fws:
+        if not times[fw]:
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw,
-               "--steps", str(args.steps)] + (["--threads", str(args.threads)]
-                                               if args.threads else []) + \
-            (["--quick"] if args.quick else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{fw}: failed\n{out.stderr[-2000:]}")
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        res[fw] = r["median_ms"]
-        print(f"{fw:8s} median {r['median_ms']:8.2f} ms/step  mean {r['mean_ms']:8.2f} "
-              f"ms over {r['steps']} steps (own process)", flush=True)
+        res[fw] = float(np.median(times[fw]))
+        per = " ".join(f"{m:.2f}" for m in rounds[fw])
+        print(f"{fw:8s} median {res[fw]:8.2f} ms/step  mean {np.mean(times[fw]):8.2f} ms "
+              f"over {len(times[fw])} steps in {len(rounds[fw])} processes (their "
+              f"medians: {per})", flush=True)
     if "fastseq" in res:
         for fw, ms in res.items():
             if fw != "fastseq":
