@@ -15,10 +15,13 @@ single GEMMs over all steps, computed outside these kernels::
 Only the recurrent products ``h U`` (forward) and ``dz U^T`` (backward) run per step,
 inside the kernels (no BLAS call per step), as dot products over contiguous rows four
 rows by four outputs at a time (``_dot_rows``): sixteen sums in registers, eight
-loads per sixteen multiply-adds, no stores in the inner loop.  One thread measured
-about 100 GFLOP/s for ``dz U^T`` at B = 32, H = 128-256 (OpenBLAS through ``np.dot``:
-35-70) and 78-93 for ``h U`` at H = 128-512 (OpenBLAS: 71-78).  The step loops allocate nothing; the kernels release the GIL so
-row groups and the two directions of a Bidirectional layer can run in threads.
+loads per sixteen multiply-adds, no stores in the inner loop.  On one thread here
+(BENCHMARKS.md, training): about 100 GFLOP/s for ``dz U^T`` at B = 32, H = 128-256,
+where OpenBLAS through ``np.dot`` ran at 35-70; 65-94 for ``h U`` at H = 128-512, where
+OpenBLAS ran at 69-78 (the sums over H = 128 are short, and their sixteen horizontal
+additions per tile cost a larger share).  The step loops allocate nothing; the kernels
+release the GIL so row groups and the two directions of a Bidirectional layer can run
+in threads.
 
 Masking mirrors the forward semantics of Keras (and of ``lstm_cpu``): a masked step keeps
 ``h`` and ``c``; its output is the previous output of the row (zero before the first
