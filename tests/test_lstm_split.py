@@ -7,6 +7,7 @@ that the driver really runs both parts at once, that the claim protocol gives th
 answer whichever part arrives first or alone (no deadlock), the worker's mailbox
 (posting, serving, cancelling, sleeping and waking), and the atomics themselves.
 """
+import os
 import threading
 import time
 
@@ -410,3 +411,30 @@ def test_unit_split_size_rule(monkeypatch):
     assert not _cpu._use_unit_split(1, 50, 64, 128, None, True)
     assert not _cpu._use_unit_split(1, 50, 64, 128, np.zeros((3, 512)), False)
     assert not _cpu._use_unit_split(1, 1, 1, 64, None, False)
+
+
+def test_wait_for_workers():
+    """wait_for_workers returns once every worker runs its loop, and reports a
+    timeout while one is still starting (here a stand-in whose loop never starts)."""
+    w = _threads.worker(np.float32)
+    assert _threads.wait_for_workers(timeout=120.0)
+    assert w.mb[w.kw.MB_STATE] in (1, 2)
+
+    class Starting:
+        pid = os.getpid()
+        kw = w.kw
+        mb = np.zeros(w.kw.MB_SIZE, np.int64)      # MB_STATE 0: loop not running yet
+        thread = threading.Thread(target=threading.Event().wait, args=(5.0,),
+                                  daemon=True)
+
+    Starting.thread.start()
+    key = "starting-stand-in"
+    _threads._workers[key] = Starting()
+    try:
+        t0 = time.monotonic()
+        assert not _threads.wait_for_workers(timeout=0.05)
+        assert time.monotonic() - t0 < 4.0
+        Starting.mb[w.kw.MB_STATE] = 2
+        assert _threads.wait_for_workers(timeout=1.0)
+    finally:
+        del _threads._workers[key]
