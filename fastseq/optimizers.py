@@ -414,12 +414,20 @@ class Adam(Optimizer):
         self.amsgrad = bool(amsgrad)
 
     def _make_slots(self, v):
-        s = {"m": np.zeros_like(v), "v": np.zeros_like(v)}
+        # C-contiguous whatever the variable's layout: the kernels run on flat memory
+        s = {"m": np.zeros(v.shape, v.dtype), "v": np.zeros(v.shape, v.dtype)}
         if self.amsgrad:
-            s["vhat"] = np.zeros_like(v)
+            s["vhat"] = np.zeros(v.shape, v.dtype)
         return s
 
     def _update(self, i, g, v, step):
+        if not v.flags.c_contiguous:
+            # the kernels need C-contiguous memory (a Fortran-ordered or strided
+            # variable): update a C-contiguous copy, then write it back
+            w = np.ascontiguousarray(v)
+            self._update(i, g, w, step)
+            v[...] = w
+            return
         dt = v.dtype.type
         s = self._slots[i]
         b1p = _cast(self.beta_1, v.dtype) ** dt(step)

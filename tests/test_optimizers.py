@@ -133,6 +133,35 @@ def test_sparse_adam_equals_dense_adam(amsgrad):
         np.testing.assert_array_equal(sparse, dense)
     assert not np.array_equal(sparse, w0)
 
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_adam_updates_any_memory_layout(sparse):
+    """A Fortran-ordered or strided variable is updated exactly as its C-ordered copy
+    (the kernels run on flat memory)."""
+    rng = np.random.default_rng(11)
+    V, E = 40, 6
+    base = rng.standard_normal((V, E)).astype(np.float32)
+    c_order = base.copy()
+    f_order = np.asfortranarray(base)
+    holder = np.zeros((V, 2 * E), np.float32)
+    strided = holder[:, ::2]
+    strided[...] = base
+    opts = [optimizers.Adam(0.01, amsgrad=True) for _ in range(3)]
+    for _ in range(3):
+        idx = rng.choice(V, size=7, replace=False)
+        rows = rng.standard_normal((7, E)).astype(np.float32)
+        if sparse:
+            g = SparseRows(idx, rows, (V, E))
+        else:
+            g = np.zeros((V, E), np.float32)
+            g[idx] = rows
+        for opt, var in zip(opts, (c_order, f_order, strided)):
+            opt.apply([g], [var])
+    np.testing.assert_array_equal(f_order, c_order)
+    np.testing.assert_array_equal(strided, c_order)
+    assert f_order.flags.f_contiguous and np.shares_memory(strided, holder)
+    assert not np.array_equal(c_order, base)
+
 def test_sparse_rows_to_dense():
     sr = SparseRows([1, 1, 3], np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), (4, 2))
     np.testing.assert_array_equal(sr.to_dense(), [[0, 0], [4, 6], [0, 0], [5, 6]])
