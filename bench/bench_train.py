@@ -158,6 +158,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        p.error(f"--steps and --rounds must be at least 1, got {args.steps} and "
+                f"{args.rounds}")
     if args.worker:  # child process: one framework, JSON on stdout's last line
         print(json.dumps(_time_steps(args.worker, args.steps, args.threads, args.quick)))
         return 0
