@@ -81,3 +81,16 @@ SPLIT_WAKE_WAIT_S = 0.002
 WORKER_EXIT_WAIT_S = 120.0
 # Rows per chunk in the time-distributed Dense (GEMM + fused activation).
 DENSE_CHUNK_ROWS = 512
+
+# --- optimizers -------------------------------------------------------------------------
+# Elements of a variable per thread of the Adam update: a variable of fewer than twice
+# this runs on one thread.  The update is bound by memory traffic, and on this 2-core
+# VM one thread was faster than two at every size measured (scratch script, caches
+# flushed between calls; the row-gradient update of a [V, E] embedding): 0.9M elements
+# (the EWT tagger's embedding) 0.65 against 1.13 ms, 4M 3.5 against 3.4 ms, 30M 17.6
+# against 21.0 ms.  Whole EWT training steps, the two settings alternating over 200
+# steps in one process, three runs: medians 6.42, 6.11 and 5.77 ms on one thread
+# against 6.73, 5.92 and 6.38 ms split (within this machine's noise; one thread also
+# leaves the other core free).  A machine with more memory bandwidth per core may gain
+# from a smaller value.
+OPTIMIZER_MIN_ITEMS_PER_THREAD = 32_000_000

@@ -25,6 +25,8 @@ import os
 import numpy as np
 from numba import njit
 
+from . import config
+
 __all__ = ["SparseRows", "Optimizer", "Adam", "SGD", "get", "from_keras"]
 
 # Keras holds the learning rate in a variable of dtype backend.floatx() (float32 unless
@@ -220,12 +222,15 @@ def _forget_pool():
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _parallel(fn, n_items, min_items=65536):
+def _parallel(fn, n_items, min_items=None):
     """Run ``fn(lo, hi)`` over [0, n_items) in chunks on fastseq's threads (the
-    kernels release the GIL); small sizes run inline."""
+    kernels release the GIL), at least ``min_items`` per thread (default
+    config.OPTIMIZER_MIN_ITEMS_PER_THREAD); smaller sizes run inline."""
     global _POOL
     from ._threads import get_num_threads
-    n = max(1, min(get_num_threads(), n_items // min_items))
+    if min_items is None:
+        min_items = config.OPTIMIZER_MIN_ITEMS_PER_THREAD
+    n = max(1, min(get_num_threads(), n_items // max(1, int(min_items))))
     if n == 1:
         fn(0, n_items)
         return
@@ -453,7 +458,7 @@ class Adam(Optimizer):
                 _parallel(lambda lo, hi: _adam_rows_kernel(
                     v, s["m"], s["v"], vh, slot, gsum, g2sum, zeros, lo, hi,
                     dt(1 - self.beta_1), dt(1 - self.beta_2), dt(alpha), dt(self.epsilon),
-                    self.amsgrad), V, max(1, 65536 // E))
+                    self.amsgrad), V, max(1, config.OPTIMIZER_MIN_ITEMS_PER_THREAD // E))
             finally:
                 slot[ids] = -1
             return

@@ -7,6 +7,7 @@ import pytest
 import keras  # a test dependency: fail loudly if it is missing, never skip
 import tensorflow as tf
 
+import fastseq
 from fastseq import optimizers
 from fastseq.optimizers import SparseRows
 
@@ -161,6 +162,44 @@ def test_adam_updates_any_memory_layout(sparse):
     np.testing.assert_array_equal(strided, c_order)
     assert f_order.flags.f_contiguous and np.shares_memory(strided, holder)
     assert not np.array_equal(c_order, base)
+
+
+def test_adam_on_several_threads_equals_one_thread(monkeypatch):
+    """With a small per-thread size, a variable's Adam update is cut into ranges on
+    several threads (dense and row gradients); the result is bit for bit the one-thread
+    update (each element's update is independent)."""
+    from fastseq import config
+    if fastseq.get_num_threads() < 2:
+        pytest.skip("needs two threads for fastseq (NUMBA_NUM_THREADS >= 2); CI has two")
+    rng = np.random.default_rng(5)
+    V, E = 50, 9
+    w0 = [rng.standard_normal((V, E)).astype(np.float32),
+          rng.standard_normal((7, 11)).astype(np.float32)]
+    grads = []
+    for _ in range(3):
+        idx = rng.integers(0, V, size=12)
+        grads.append([SparseRows(idx, rng.standard_normal((12, E)).astype(np.float32),
+                                 (V, E)), rng.standard_normal((7, 11)).astype(np.float32)])
+    calls = []
+    for name in ("_adam_kernel", "_adam_rows_kernel"):
+        kernel = getattr(optimizers, name)
+        monkeypatch.setattr(optimizers, name,
+                            lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+
+    def run(min_items):
+        monkeypatch.setattr(config, "OPTIMIZER_MIN_ITEMS_PER_THREAD", min_items)
+        ws, opt = [w.copy() for w in w0], optimizers.Adam(0.01)
+        for g in grads:
+            opt.apply(g, ws)
+        return ws
+
+    one = run(10 ** 9)
+    assert calls == ["_adam_rows_kernel", "_adam_kernel"] * 3
+    calls.clear()
+    several = run(8)
+    assert calls.count("_adam_rows_kernel") >= 6 and calls.count("_adam_kernel") >= 6
+    for a, b in zip(several, one):
+        np.testing.assert_array_equal(a, b)
 
 def test_sparse_rows_to_dense():
     sr = SparseRows([1, 1, 3], np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), (4, 2))
