@@ -40,7 +40,7 @@ def _stop_workers_at_exit():
     interpreter finalises meanwhile, the thread dies inside LLVM and the process
     crashes (a segfault after a script that ran about 9 s was seen).  Waiting lets the
     compilation finish; the loop then sees MB_QUIT and returns at once."""
-    ws = [w for w in list(_workers.values()) if w is not None and w.pid == os.getpid()]
+    ws = _own_workers()
     for w in ws:
         w.stop()
     for w in ws:
@@ -48,6 +48,11 @@ def _stop_workers_at_exit():
 
 
 atexit.register(_stop_workers_at_exit)
+
+
+def _own_workers():
+    """The workers this process started (not ones inherited through fork)."""
+    return [w for w in list(_workers.values()) if w is not None and w.pid == os.getpid()]
 
 
 def set_num_threads(n):
@@ -224,8 +229,7 @@ def wait_for_workers(timeout=None):
     import time
     limit = config.WORKER_EXIT_WAIT_S if timeout is None else float(timeout)
     deadline = time.monotonic() + limit
-    ws = [w for w in list(_workers.values()) if w is not None and w.pid == os.getpid()]
-    for w in ws:
+    for w in _own_workers():
         while w.thread.is_alive() and w.mb[w.kw.MB_STATE] == 0:
             if time.monotonic() >= deadline:
                 return False

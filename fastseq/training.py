@@ -366,9 +366,9 @@ class _TokenRows:
 
 
 class _Embedding:
-    def __init__(self, rec, token_rows=False):
+    def __init__(self, rec):
         self.rec = rec
-        self.token_rows = token_rows    # the next op is an LSTM on the CPU
+        self.token_rows = False     # set by _Plan when the next op is an LSTM on the CPU
 
     def weights(self):
         return [self.rec.embeddings]

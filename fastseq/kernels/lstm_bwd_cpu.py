@@ -133,6 +133,15 @@ def _dot4x4(a0, a1, a2, a3, m0, m1, m2, m3, K):
 
 
 @njit(fastmath=FASTMATH, inline="always", error_model="numpy")
+def _dot1(x, m, K):
+    """x . m over [0, K) (the leftovers of the 4 x 4 tile)."""
+    acc = x.dtype.type(0)
+    for k in range(K):
+        acc += x[k] * m[k]
+    return acc
+
+
+@njit(fastmath=FASTMATH, inline="always", error_model="numpy")
 def _dot_rows(a, n, M, out):
     """out[r, i] += a[r] . M[i] for rows r < n and every row i of M (a [B, K],
     M [N, K], out [B, N]; a U is dot_rows with M = U^T): four rows by four outputs at a
@@ -170,21 +179,11 @@ def _dot_rows(a, n, M, out):
             o3[i + 2] += s32
             o3[i + 3] += s33
         for i in range(N4, N):
-            m = M[i]
             for q in range(4):
-                ar = a[r + q]
-                acc = a.dtype.type(0)
-                for k in range(K):
-                    acc += ar[k] * m[k]
-                out[r + q, i] += acc
+                out[r + q, i] += _dot1(a[r + q], M[i], K)
     for r in range(R4, n):
-        ar = a[r]
         for i in range(N):
-            m = M[i]
-            acc = a.dtype.type(0)
-            for k in range(K):
-                acc += ar[k] * m[k]
-            out[r, i] += acc
+            out[r, i] += _dot1(a[r], M[i], K)
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
