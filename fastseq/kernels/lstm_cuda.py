@@ -109,6 +109,18 @@ def unpack_flags(flags):
 
 
 @cuda.jit(device=True)
+def block_geometry(G, Ut, geo):
+    """(B, T, H, HB, mid, Hp, j0, nu) of a persistent kernel's block: the sizes from G
+    [B, T, 4H] and Ut [4H, H], the fields of the packed ``geo`` = HB | mid << 20 |
+    Hp << 40 (mid is KS or KT, by kernel), and the block's units j0..j0+nu-1."""
+    HB = geo & 0xFFFFF
+    H = Ut.shape[1]
+    j0 = cuda.blockIdx.x * HB
+    return (G.shape[0], G.shape[1], H, HB, (geo >> 20) & 0xFFFFF, geo >> 40, j0,
+            min(HB, H - j0))
+
+
+@cuda.jit(device=True)
 def block_prologue(Ut, Us, st, h0, c0, j0, nu, HB, Hp, has_h0, has_c0):
     """A persistent block's start: copy the recurrent weights of its units j0..j0+nu-1
     (all four gates) into shared memory, Us[(g*HB + u)*Hp + k] = Ut[g*H + j0 + u, k],
@@ -422,16 +434,9 @@ def lstm_kernels(np_dtype, rbb):
         #         | has_c0 << 5 | act << 8 | ract << 16.
         # Grid: ceil(H/HB) blocks, launched cooperatively; dynamic shared memory
         # 4*HB*Hp (weights) + B*Hs (staged h) (+ 4*RBB*blockDim.x if KS > 1) values.
-        B = G.shape[0]
-        T = G.shape[1]
-        H = Ut.shape[1]
-        HB = geo & 0xFFFFF
-        KS = (geo >> 20) & 0xFFFFF
-        Hp = geo >> 40
+        B, T, H, HB, KS, Hp, j0, nu = block_geometry(G, Ut, geo)
         has_mask, go_back, zofm, ret_seq, has_h0, has_c0, act, ract = \
             unpack_flags(flags)
-        j0 = cuda.blockIdx.x * HB
-        nu = min(HB, H - j0)
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
         sm = cuda.shared.array(0, nbdt)
@@ -704,16 +709,9 @@ def wide_kernel(np_dtype):
             mon[i] = mask[b, t] if has_mask != 0 else np.uint8(1)
 
     def lstm_wide(G, Ut, bias, st, out, mask, h0, c0, geo, flags):
-        B = G.shape[0]
-        T = G.shape[1]
-        H = Ut.shape[1]
-        HB = geo & 0xFFFFF
-        KT = (geo >> 20) & 0xFFFFF
-        Hp = geo >> 40
+        B, T, H, HB, KT, Hp, j0, nu = block_geometry(G, Ut, geo)
         has_mask, go_back, zofm, ret_seq, has_h0, has_c0, act, ract = \
             unpack_flags(flags)
-        j0 = cuda.blockIdx.x * HB
-        nu = min(HB, H - j0)
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
         u = tid // 32
