@@ -285,15 +285,14 @@ def semantics_check(ctx, B, H, T, args):
     mask[0, : T // 3] = False
     mask[-1] = False
     for dt in (np.float32, np.float64):
-        for mode in ("persistent", "stepwise", "numba_gemm", "wide"):
+        for mode in ("persistent", "stepwise", "numba_gemm"):
             for back, zofm in ((False, False), (True, True)):
                 r = {"dtype": np.dtype(dt).name, "mode": mode, "go_backwards": back,
                      "zero_output_for_mask": zofm}
-                old = (_cuda.LSTM_MODE, _cuda.USE_CUPY, _cuda.LSTM_WIDE)
+                old = (_cuda.LSTM_MODE, _cuda.USE_CUPY)
                 try:
                     _cuda.LSTM_MODE = "stepwise" if mode == "stepwise" else "auto"
                     _cuda.USE_CUPY = mode != "numba_gemm"
-                    _cuda.LSTM_WIDE = "on" if mode == "wide" else "off"
                     kw = dict(initial_state=[h0.astype(dt), c0.astype(dt)], mask=mask,
                               return_sequences=True, return_state=True,
                               go_backwards=back, zero_output_for_mask=zofm)
@@ -309,7 +308,7 @@ def semantics_check(ctx, B, H, T, args):
                     r["error"] = f"{type(exc).__name__}: {exc}"
                     r["ok"] = False
                 finally:
-                    _cuda.LSTM_MODE, _cuda.USE_CUPY, _cuda.LSTM_WIDE = old
+                    _cuda.LSTM_MODE, _cuda.USE_CUPY = old
                 res.append(r)
     return res
 
@@ -365,14 +364,7 @@ def tuning(ctx, T, K, args):
         (8, 1024, {"H_STAGE_BYTES": 0}),
         (8, 1024, {"H_STAGE_BYTES": 48 * KB}),
         (64, 256, {"H_STAGE_BYTES": 0}),
-        (64, 256, {"H_STAGE_BYTES": 96 * KB}),
-        (256, 1024, {"LSTM_WIDE": "off"}),
-        (256, 1024, {"LSTM_WIDE": "on"}),
-        (256, 1024, {"LSTM_WIDE": "on", "WIDE_K_TILE": 64}),
-        (128, 512, {"LSTM_WIDE": "off"}),
-        (128, 512, {"LSTM_WIDE": "on"}),
-        (256, 256, {"LSTM_WIDE": "off"}),
-        (256, 256, {"LSTM_WIDE": "on"})])
+        (64, 256, {"H_STAGE_BYTES": 96 * KB})])
     weights = {}
     for B, HH, tun in lstm_grid:
         if time.perf_counter() > args.deadline:
@@ -452,12 +444,25 @@ def table(rows):
 
 
 def training_check(ctx, args):
-    """The CUDA BPTT kernels (``lstm_vjp(device="cuda")``) against the CPU kernels, with
-    a mask, go_backwards and initial states, float32 and float64; and the time of one
-    forward + backward against PyTorch's cuDNN LSTM (host arrays in and out for
-    fastseq, so its time includes the uploads and downloads)."""
+    """The CUDA BPTT kernels (``lstm_vjp(device="cuda")``) in both training modes
+    against the CPU kernels, with a mask, go_backwards and initial states, float32 and
+    float64; and the time of one forward + backward against PyTorch's cuDNN LSTM (host
+    arrays in and out for fastseq, so its time includes the uploads and downloads; a
+    second, larger shape is timed in float32 only)."""
+    shapes = [(3, 4, 3, 5)] if args.dry_run else [(32, 50, 128, 256), (64, 100, 256, 512)]
+    res = []
+    for i, (B, T, D, H) in enumerate(shapes):
+        cases = [(np.float32, 1e-4, False)]
+        if i == 0:
+            cases += [(np.float32, 1e-4, True), (np.float64, 1e-9, False),
+                      (np.float64, 1e-9, True)]
+        res += _training_cases(ctx, B, T, D, H, cases)
+    return res
+
+
+def _training_cases(ctx, B, T, D, H, cases):
+    from fastseq import _cuda
     from fastseq.training import lstm_vjp
-    B, T, D, H = (3, 4, 3, 5) if args.dry_run else (32, 50, 128, 256)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     W, U, b = make_weights(rng, D, H)
@@ -467,38 +472,53 @@ def training_check(ctx, args):
     c0 = rng.standard_normal((B, H)).astype(np.float32)
     dy = rng.standard_normal((B, T, H)).astype(np.float32)
     res = []
-    for dt, tol in ((np.float32, 1e-4), (np.float64, 1e-9)):
-        for back in (False, True):
-            r = {"dtype": np.dtype(dt).name, "B": B, "T": T, "D": D, "H": H,
-                 "go_backwards": back}
-            try:
-                kw = dict(initial_state=[h0.astype(dt), c0.astype(dt)], mask=mask,
-                          return_sequences=True, go_backwards=back)
-                args_ = (x.astype(dt), W.astype(dt), U.astype(dt), b.astype(dt),
-                         dy.astype(dt))
-                g = lstm_vjp(*args_, device="cuda", **kw)
-                c = lstm_vjp(*args_, device="cpu", **kw)
-                r["rel_err_vs_cpu"] = max(rel_err(g[k], c[k]) for k in c
-                                          if c[k] is not None)
-                r["ok"] = r["rel_err_vs_cpu"] <= tol
-                if dt == np.float32 and not back:
-                    r["t_fastseq_vjp_ms"] = 1e3 * ctx.bench(
-                        lambda: lstm_vjp(*args_, device="cuda", **kw))
-                    if ctx.torch is not None and ctx.tdev == "cuda":
-                        torch = ctx.torch
-                        m = torch_lstm(ctx, W, U, b, torch.float32)
-                        m.train()
-                        xt = torch.as_tensor(x, device="cuda").requires_grad_(True)
-                        dyt = torch.as_tensor(dy, device="cuda")
+    for dt, tol, back in cases:
+        r = {"dtype": np.dtype(dt).name, "B": B, "T": T, "D": D, "H": H,
+             "go_backwards": back}
+        try:
+            kw = dict(initial_state=[h0.astype(dt), c0.astype(dt)], mask=mask,
+                      return_sequences=True, go_backwards=back)
+            args_ = (x.astype(dt), W.astype(dt), U.astype(dt), b.astype(dt),
+                     dy.astype(dt))
+            c = lstm_vjp(*args_, device="cpu", **kw)
+            r["ok"] = True
+            # both training modes: "auto" (persistent recurrences) and "stepwise"
+            for mode in ("auto", "stepwise"):
+                _cuda.TRAIN_MODE = mode
+                try:
+                    g = lstm_vjp(*args_, device="cuda", **kw)
+                    r[f"path_{mode}"] = _cuda.last_train_path[0]
+                    err = max(rel_err(g[k], c[k]) for k in c if c[k] is not None)
+                    r[f"rel_err_vs_cpu_{mode}"] = err
+                    r["ok"] = r["ok"] and err <= tol
+                    if dt == np.float32 and not back:
+                        r[f"t_fastseq_vjp_{mode}_ms"] = 1e3 * ctx.bench(
+                            lambda: lstm_vjp(*args_, device="cuda", **kw))
+                        # the forward pass alone (time-major host arrays, as training
+                        # calls it)
+                        xtm = np.ascontiguousarray(x.transpose(1, 0, 2))
+                        mtm = np.ascontiguousarray(mask.T).view(np.uint8)
+                        r[f"t_fastseq_fwd_{mode}_ms"] = 1e3 * ctx.bench(
+                            lambda: _cuda.lstm_train_forward_cuda(xtm, W, U, b, mtm, h0,
+                                                                  c0))
+                finally:
+                    _cuda.TRAIN_MODE = "auto"
+            if dt == np.float32 and not back and ctx.torch is not None \
+                    and ctx.tdev == "cuda":
+                torch = ctx.torch
+                m = torch_lstm(ctx, W, U, b, torch.float32)
+                m.train()
+                xt = torch.as_tensor(x, device="cuda").requires_grad_(True)
+                dyt = torch.as_tensor(dy, device="cuda")
 
-                        def step():
-                            out, _ = m(xt)
-                            out.backward(dyt)
-                        r["t_torch_fwd_bwd_ms"] = 1e3 * ctx.bench(step)
-            except Exception as exc:
-                r["error"] = f"{type(exc).__name__}: {exc}"
-                r["ok"] = False
-            res.append(r)
+                def step():
+                    out, _ = m(xt)
+                    out.backward(dyt)
+                r["t_torch_fwd_bwd_ms"] = 1e3 * ctx.bench(step)
+        except Exception as exc:
+            r["error"] = f"{type(exc).__name__}: {exc}"
+            r["ok"] = False
+        res.append(r)
     return res
 
 

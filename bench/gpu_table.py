@@ -25,11 +25,12 @@ def main(path):
               + (f"{r['t_fastseq_dense_fused_ms']:.3f} |" if "t_fastseq_dense_fused_ms" in r
                  else "- |"))
     for t in d.get("training") or []:
-        if "t_fastseq_vjp_ms" in t and "t_torch_fwd_bwd_ms" in t:
+        if "t_fastseq_vjp_auto_ms" in t and "t_torch_fwd_bwd_ms" in t:
             print(f"\nBPTT B={t['B']} T={t['T']} D={t['D']} H={t['H']}: fastseq lstm_vjp "
-                  f"{t['t_fastseq_vjp_ms']:.2f} ms (host copies included), PyTorch cuDNN "
-                  f"forward+backward {t['t_torch_fwd_bwd_ms']:.2f} ms")
-
+                  f"{t['t_fastseq_vjp_auto_ms']:.2f} ms ({t.get('path_auto')}; "
+                  f"stepwise {t['t_fastseq_vjp_stepwise_ms']:.2f} ms; host copies "
+                  f"included), PyTorch cuDNN forward+backward "
+                  f"{t['t_torch_fwd_bwd_ms']:.2f} ms")
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -48,6 +48,11 @@ PERSISTENT_BLOCKS_PER_SM = 1
 # "auto" (persistent when it fits, else per-step), "persistent" (error if it cannot run),
 # "stepwise".
 LSTM_MODE = "auto"
+# Training (lstm_train_forward_cuda / lstm_train_backward_cuda): "auto" (the forward
+# recurrence by lstm_cuda's kernels, the saved gates from two GEMMs and two scans, the
+# backward recurrence in one cooperative launch when it fits, else per step), or
+# "stepwise" (a cell launch and a GEMM per step, both ways).
+TRAIN_MODE = "auto"
 # Cap on dynamic shared memory per block in bytes; None = the device's opt-in maximum.
 MAX_SHARED_BYTES = None
 # Persistent kernel: at most this many threads share one item's dot products (power of
@@ -55,12 +60,6 @@ MAX_SHARED_BYTES = None
 # H_STAGE_BYTES (else the dot products read it from global memory).
 MAX_THREADS_PER_ITEM = 32
 H_STAGE_BYTES = 48 * 1024
-# Wide batches (experimental, not yet timed on a GPU): "off", "auto" (the wide-batch
-# kernel, kernels/lstm_cuda.wide_kernel, for WIDE_MIN_BATCH <= B <= 256 when it fits)
-# or "on" (an error when it cannot run).  WIDE_K_TILE: columns of h staged per tile.
-LSTM_WIDE = "off"
-WIDE_MIN_BATCH = 128
-WIDE_K_TILE = 32
 # Input projections up to this size reuse one cached device buffer per dtype (larger
 # ones are allocated per call).
 WORKSPACE_CACHE_BYTES = 64 * 1024 * 1024
@@ -424,47 +423,6 @@ def _slice_range(cuda, H):
     return max(1, -(-H // max(1, sms * int(PERSISTENT_BLOCKS_PER_SM)))), H
 
 
-def _wide_plan(cuda, kernel, sig, B, H, itemsize):
-    """(HB, KT, threads, smem_bytes, nblocks) for the wide-batch kernel, or (None,
-    reason)."""
-    from .kernels.lstm_cuda import WIDE_MAX_BATCH, WIDE_ROWS_PER_LANE
-    key = ("wide", B, H, itemsize, HIDDEN_PER_BLOCK, PERSISTENT_BLOCKS_PER_SM,
-           MAX_SHARED_BYTES, WIDE_K_TILE, id(kernel))
-    hit = _PLAN_CACHE.get(key)
-    if hit is not None:
-        return hit
-    if B > WIDE_MAX_BATCH:
-        result = (None, f"B = {B} is more than the wide kernel's {WIDE_MAX_BATCH} rows")
-        _PLAN_CACHE[key] = result
-        return result
-    limit = _smem_limit(cuda)
-    start, stop = _slice_range(cuda, H)
-    maxthr = min(1024, _kernel_max_threads(kernel, sig, 1024))
-    kt = max(1, min(int(WIDE_K_TILE), H))
-    result = (None, "no hidden-unit slice fits")
-    for hb in range(start, stop + 1):
-        tpb = 32 * hb
-        nblk = -(-H // hb)
-        smem = itemsize * (4 * hb * H + kt * (32 * WIDE_ROWS_PER_LANE + 1))
-        if tpb > maxthr or smem > limit:
-            result = (None, f"{hb} hidden units per block need {tpb} threads and {smem} "
-                            f"bytes of shared memory (at most {maxthr} and {limit})")
-            break
-        try:
-            _enable_smem(cuda, kernel, sig, smem)
-            maxb = _coop_blocks(kernel, sig, tpb, smem)
-        except Exception as exc:
-            result = (None, f"occupancy query failed ({type(exc).__name__}: {exc})")
-            break
-        if nblk <= maxb:
-            result = (hb, kt, tpb, smem, nblk)
-            break
-        result = (None, f"a cooperative grid of {nblk} blocks cannot be co-resident "
-                        f"(at most {maxb})")
-    _PLAN_CACHE[key] = result
-    return result
-
-
 def _matmul(cuda, A, Bm, C):
     """C = A @ Bm for contiguous 2-D device arrays (CuPy/cuBLAS when available; CuPy or
     Numba arrays)."""
@@ -754,9 +712,6 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     mode = LSTM_MODE
     if mode not in ("auto", "persistent", "stepwise"):
         raise ValueError(f"LSTM_MODE must be 'auto', 'persistent' or 'stepwise', got {mode!r}")
-    wide = LSTM_WIDE
-    if wide not in ("off", "auto", "on"):
-        raise ValueError(f"LSTM_WIDE must be 'off', 'auto' or 'on', got {wide!r}")
 
     with _WS_LOCK:
         G3, Gc = _workspace(cuda, cupy, (B, T, G4), dt, dev)
@@ -767,24 +722,6 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
         else:
             _matmul(cuda, xd.reshape(B * T, D), weights.W, G3.reshape(B * T, G4))
         reason = "LSTM_MODE='stepwise'"
-        if mode != "stepwise" and (wide == "on" or (wide == "auto"
-                                                    and B >= int(WIDE_MIN_BATCH))):
-            from .kernels import lstm_cuda as lk
-            sigw = lk.wide_signature(dt)
-            kw = _jit(cuda, ("lstm", "wide", dt.str), lk.wide_kernel(dt), sigw)
-            plan = _wide_plan(cuda, kw, sigw, B, H, dt.itemsize)
-            if plan[0] is not None:
-                hb, kt, wtpb, smem, nblk = plan
-                kw[nblk, wtpb, 0, smem](G3, weights.Ut, weights.b, st, out, maskd, h0d,
-                                        c0d, hb | kt << 20 | H << 40, flags)
-                LAUNCHES["lstm_wide"] += 1
-                last_lstm_path = ("wide", f"{nblk} blocks x {wtpb} threads, {hb} hidden "
-                                          f"units per block, h tiles of {kt}, {smem} "
-                                          "bytes shared")
-                return _lstm_outputs(res, T, return_sequences)
-            if wide == "on":
-                raise RuntimeError(f"lstm: the wide-batch CUDA kernel cannot run: "
-                                   f"{plan[1]}")
         if mode != "stepwise":
             try:
                 kp, sigp = _lstm_kernel(cuda, "persistent", dt, rbb)
@@ -897,6 +834,12 @@ def _train_kernel(cuda, name, dt):
     return _jit(cuda, ("train", name, dt.str), getattr(ks, name), ks.signatures[name])
 
 
+def _train_mode():
+    if TRAIN_MODE not in ("auto", "stepwise"):
+        raise ValueError(f"TRAIN_MODE must be 'auto' or 'stepwise', got {TRAIN_MODE!r}")
+    return TRAIN_MODE
+
+
 def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
                             zero_output_for_mask=False, act="tanh", rec="sigmoid"):
     """Forward pass of one LSTM layer on the GPU, saving what backpropagation through
@@ -906,6 +849,11 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
     x [T, B, D]; W [D, 4H]; U [H, 4H]; b [4H] or None; m8 [T, B] uint8; h0, c0 [B, H]
     or None (zeros).  Returns (out [T, B, H] NumPy, at input times; saved: the device
     arrays ``lstm_train_backward_cuda`` needs).
+
+    With TRAIN_MODE "auto" the recurrence runs in ``lstm_cuda``'s kernels (one
+    persistent launch where it fits).  The gates are then recomputed for all steps at
+    once: h before each step from the outputs (``scan_h``), hprev U and x W as two
+    GEMMs, and the cell state along the steps (``scan_c``).
     """
     cuda = _require()
     dt = np.dtype(x.dtype)
@@ -915,7 +863,8 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
     a_code = _act_code(act, "activation")
     r_code = _act_code(rec, "recurrent_activation")
     gb, zofm = int(bool(go_backwards)), int(bool(zero_output_for_mask))
-    xd = cuda.to_device(np.ascontiguousarray(x, dtype=dt).reshape(T * B, D))
+    xc = np.ascontiguousarray(x, dtype=dt)
+    xd = cuda.to_device(xc.reshape(T * B, D))
     Ud = cuda.to_device(np.ascontiguousarray(U, dtype=dt))
     bd = _dev_or_zeros(cuda, b, (G4,), dt)
     md = cuda.to_device(np.ascontiguousarray(m8, dtype=np.uint8))
@@ -926,23 +875,77 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
     gates = cuda.device_array((T, B, G4), dtype=dt)
     actc = cuda.device_array((T, B, H), dtype=dt)
     out = cuda.device_array((T, B, H), dtype=dt)
-    zu = cuda.device_array((B, G4), dtype=dt)
     _matmul(cuda, xd, cuda.to_device(np.ascontiguousarray(W, dtype=dt)), xw)
     xw3 = xw.reshape(T, B, G4)
     hprev3 = hprev.reshape(T, B, H)
     tpb, nblk = _cell_grid(B * H)
-    kf = _train_kernel(cuda, "fwd_cell", dt)
-    for s in range(T):
-        t = T - 1 - s if gb else s
-        tp = min(t + 1, T - 1) if gb else max(t - 1, 0)   # used only when s > 0
-        _matmul(cuda, h, Ud, zu)
-        kf[nblk, tpb](xw3, zu, bd, md, t, tp, s, h, c, hprev3, cprev, gates, actc, out,
-                      zofm, a_code, r_code)
-    LAUNCHES["train_fwd_cell"] += T
-    saved = dict(x=xd, W=W, U=U, m=md, hprev=hprev, cprev=cprev, gates=gates,
+    if _train_mode() == "auto" and T > 0 and B * H > 0:
+        outs, _, _ = lstm_cuda(cuda.to_device(np.ascontiguousarray(xc.transpose(1, 0, 2))),
+                               W, U, b, h, c, np.asarray(m8).T, go_backwards=gb,
+                               return_sequences=True, zero_output_for_mask=zofm,
+                               act=a_code, rec=r_code)
+        _train_kernel(cuda, "scan_h", dt)[nblk, tpb](outs, md, h, hprev3, out, gb)
+        _matmul(cuda, hprev, Ud, gates.reshape(T * B, G4))
+        _train_kernel(cuda, "scan_c", dt)[nblk, tpb](xw3, gates, bd, md, c, cprev, actc,
+                                                     gb, a_code, r_code)
+        LAUNCHES["train_scan"] += 2
+    else:
+        zu = cuda.device_array((B, G4), dtype=dt)
+        kf = _train_kernel(cuda, "fwd_cell", dt)
+        for s in range(T):
+            t = T - 1 - s if gb else s
+            tp = min(t + 1, T - 1) if gb else max(t - 1, 0)   # used only when s > 0
+            _matmul(cuda, h, Ud, zu)
+            kf[nblk, tpb](xw3, zu, bd, md, t, tp, s, h, c, hprev3, cprev, gates, actc,
+                          out, zofm, a_code, r_code)
+        LAUNCHES["train_fwd_cell"] += T
+    saved = dict(x=xd, W=W, U=U, Ud=Ud, m=md, hprev=hprev, cprev=cprev, gates=gates,
                  actc=actc, shape=(T, B, D, H), dtype=dt, go_backwards=gb, zofm=zofm,
                  act=a_code, rec=r_code)
     return out.copy_to_host(), saved
+
+
+def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
+    """(HB, KS, threads, smem_bytes, nblocks) for ``bwd_persistent``, or (None,
+    reason)."""
+    key = ("train_bwd", B, H, itemsize, THREADS_PER_BLOCK, HIDDEN_PER_BLOCK,
+           PERSISTENT_BLOCKS_PER_SM, MAX_SHARED_BYTES, MAX_THREADS_PER_ITEM, id(kernel))
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None:
+        return hit
+    limit = _smem_limit(cuda)
+    start, stop = _slice_range(cuda, H)
+    tpb_max = _pow2floor(THREADS_PER_BLOCK)
+    tpb_max = min(tpb_max, _kernel_max_threads(kernel, sig, tpb_max))
+    result = (None, "no hidden-unit slice fits")
+    for hb in range(start, stop + 1):
+        nblk = -(-H // hb)
+        nitems = B * hb
+        ks = _choose_ks(tpb_max, nitems, 4 * H, cap=max(1, int(MAX_THREADS_PER_ITEM)))
+        tpb = min(tpb_max, max(min(32, tpb_max), _pow2ceil(nitems * ks)))
+        smem = itemsize * (4 * hb * H + tpb)
+        if smem > limit:
+            result = (None, f"the rows of U for {hb} hidden units need {smem} bytes of "
+                            f"shared memory, more than the {limit} available per block")
+            break
+        try:
+            _enable_smem(cuda, kernel, sig, smem)
+            maxb = _coop_blocks(kernel, sig, tpb, smem)
+        except Exception as exc:  # driver refused the attribute / occupancy query
+            result = (None, f"occupancy query failed for {smem} bytes of shared memory "
+                            f"({type(exc).__name__}: {exc})")
+            break
+        if nblk <= maxb:
+            result = (hb, ks, tpb, smem, nblk)
+            break
+        result = (None, f"a cooperative grid of {nblk} blocks ({hb} hidden units each) "
+                        f"cannot be co-resident (at most {maxb})")
+    _PLAN_CACHE[key] = result
+    return result
+
+
+# the path the last lstm_train_backward_cuda took: ("persistent" | "stepwise", detail)
+last_train_path = None
 
 
 def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
@@ -953,28 +956,49 @@ def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
     gradient wrt the final state.  Returns NumPy (dx [T, B, D] or None, dW, dU, db,
     dh0, dc0).
     """
+    global last_train_path
     cuda = _require()
     T, B, D, H = saved["shape"]
     dt = saved["dtype"]
     G4 = 4 * H
     gb, zofm = saved["go_backwards"], saved["zofm"]
     md, gates, actc, cprev = saved["m"], saved["gates"], saved["actc"], saved["cprev"]
-    UTd = cuda.to_device(np.ascontiguousarray(np.asarray(saved["U"], dtype=dt).T))
     dz = cuda.device_array((T, B, G4), dtype=dt)
     doutd = cuda.to_device(np.ascontiguousarray(dout, dtype=dt))
     dhd, dcd = _dev_or_zeros(cuda, dh, (B, H), dt), _dev_or_zeros(cuda, dc, (B, H), dt)
     carry = _zeros(cuda, (B, H), dt)
-    dhu = cuda.device_array((B, H), dtype=dt)
-    tpb, nblk = _cell_grid(B * H)
-    kb = _train_kernel(cuda, "bwd_cell", dt)
-    kh = _train_kernel(cuda, "bwd_dh", dt)
-    for s in range(T - 1, -1, -1):
-        t = T - 1 - s if gb else s
-        kb[nblk, tpb](doutd, carry, dhd, dcd, gates, actc, cprev, dz, md, t, zofm,
-                      saved["act"], saved["rec"])
-        _matmul(cuda, dz[t], UTd, dhu)
-        kh[nblk, tpb](dhu, dhd, md, t)
-    LAUNCHES["train_bwd_cell"] += T
+    plan = (None, "TRAIN_MODE='stepwise'")
+    if _train_mode() == "auto" and T > 0 and B * H > 0:
+        try:
+            kp = _train_kernel(cuda, "bwd_persistent", dt)
+            from .kernels import lstm_bwd_cuda
+            sig = lstm_bwd_cuda.signatures(dt)["bwd_persistent"]
+            plan = _train_bwd_plan(cuda, kp, sig, B, H, dt.itemsize)
+        except Exception as exc:   # e.g. the device runtime library cannot be linked
+            plan = (None, f"the persistent kernel is unavailable "
+                          f"({type(exc).__name__}: {exc})")
+    if plan[0] is not None:
+        hb, ks, tpb_p, smem, nblk = plan
+        flags = gb | zofm << 1 | saved["act"] << 8 | saved["rec"] << 16
+        kp[nblk, tpb_p, 0, smem](doutd, gates, actc, cprev, md, saved["Ud"], dz, dhd, dcd,
+                                 carry, hb | ks << 20, flags)
+        LAUNCHES["train_bwd_persistent"] += 1
+        last_train_path = ("persistent", f"{nblk} blocks x {tpb_p} threads, {hb} hidden "
+                                         f"units per block, KS={ks}, {smem} bytes shared")
+    else:
+        UTd = cuda.to_device(np.ascontiguousarray(np.asarray(saved["U"], dtype=dt).T))
+        dhu = cuda.device_array((B, H), dtype=dt)
+        tpb, nblk = _cell_grid(B * H)
+        kb = _train_kernel(cuda, "bwd_cell", dt)
+        kh = _train_kernel(cuda, "bwd_dh", dt)
+        for s in range(T - 1, -1, -1):
+            t = T - 1 - s if gb else s
+            kb[nblk, tpb](doutd, carry, dhd, dcd, gates, actc, cprev, dz, md, t, zofm,
+                          saved["act"], saved["rec"])
+            _matmul(cuda, dz[t], UTd, dhu)
+            kh[nblk, tpb](dhu, dhd, md, t)
+        LAUNCHES["train_bwd_cell"] += T
+        last_train_path = ("stepwise", plan[1])
     dz2 = dz.reshape(T * B, G4)
     dW = cuda.device_array((D, G4), dtype=dt)
     _matmul(cuda, _transpose_dev(cuda, saved["x"]), dz2, dW)
@@ -1154,8 +1178,6 @@ def kernel_catalog():
                         ks.signatures["persistent"]))
             cat.append((f"lstm_step[{dt.name},RBB={rbb}]", ks.step,
                         ks.signatures["step"]))
-        cat.append((f"lstm_persistent_wide[{dt.name}]", lstm_cuda.wide_kernel(dt),
-                    lstm_cuda.wide_signature(dt)))
         ks1 = lstm_cuda.lstm_kernels(dt, 1)
         cat.append((f"transpose[{dt.name}]", ks1.transpose, ks1.signatures["transpose"]))
         cat.append((f"init_state[{dt.name}]", ks1.init_state, ks1.signatures["init_state"]))
@@ -1166,7 +1188,8 @@ def kernel_catalog():
         cat.append((f"dense_argmax[{dt.name}]", dk.argmax, dk.signatures["argmax"]))
         cat.append((f"dense_epilogue[{dt.name}]", dk.epilogue, dk.signatures["epilogue"]))
         tk = lstm_bwd_cuda.train_kernels(dt)
-        for name in ("fwd_cell", "bwd_cell", "bwd_dh", "col_sum"):
+        for name in ("fwd_cell", "bwd_cell", "bwd_dh", "col_sum", "scan_h", "scan_c",
+                     "bwd_persistent"):
             cat.append((f"train_{name}[{dt.name}]", getattr(tk, name),
                         tk.signatures[name]))
     return cat

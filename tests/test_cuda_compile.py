@@ -131,11 +131,12 @@ def compiled(tmp_path_factory):
 
 def test_catalog_covers_every_kernel():
     kinds = {n.split("[")[0] for n in KERNEL_NAMES}
-    assert kinds == {"lstm_persistent", "lstm_persistent_wide", "lstm_step", "init_state",
+    assert kinds == {"lstm_persistent", "lstm_step", "init_state",
                      "transpose", "gemm",
                      "dense", "dense_epilogue",
                      "dense_argmax", "train_fwd_cell", "train_bwd_cell", "train_bwd_dh",
-                     "train_col_sum"}
+                     "train_col_sum", "train_scan_h", "train_scan_c",
+                     "train_bwd_persistent"}
     for dt in ("float32", "float64"):
         assert sum(f"[{dt}" in n for n in KERNEL_NAMES) == len(KERNEL_NAMES) // 2
 
@@ -146,8 +147,8 @@ def test_kernel_compiles_for_sm90(compiled, name):
     assert r["ok"], r.get("error")
     assert r["target"], "PTX does not target sm_90"
     assert r["entry"], "no kernel entry in the PTX"
-    # the persistent kernel really contains the grid-wide barrier, the others do not
-    assert r["grid_sync"] == name.startswith("lstm_persistent")
+    # the persistent kernels really contain the grid-wide barrier, the others do not
+    assert r["grid_sync"] == name.startswith(("lstm_persistent", "train_bwd_persistent"))
     rs = r.get("resources")
     if rs:   # where nvJitLink could assemble it: no register spills
         assert rs.get("spill_stores", 0) == 0, rs

@@ -78,20 +78,6 @@ LSTM_CASES = {
         B=5, T=3, D=3, H=14, mask=True, state=True, seq=True, back=False, zofm=False,
         tun=dict(LSTM_MODE="persistent", THREADS_PER_BLOCK=8), path="persistent",
         staged=True),
-    # the wide-batch kernel (LSTM_WIDE="on"): one warp per unit, 8 rows per lane, h
-    # staged in column tiles of 2 (ragged last tile), mask, states, backwards
-    "wide_tiles_mask_states_back": dict(
-        B=5, T=4, D=3, H=3, mask=True, state=True, seq=True, back=True, zofm=False,
-        tun=dict(LSTM_MODE="auto", LSTM_WIDE="on", WIDE_K_TILE=2), path="wide"),
-    # wide: zero_output_for_mask, last output only, one tile, no initial state
-    "wide_zofm_last": dict(
-        B=4, T=5, D=2, H=3, mask=True, state=False, seq=False, back=False, zofm=True,
-        tun=dict(LSTM_MODE="auto", LSTM_WIDE="on", WIDE_K_TILE=32), path="wide"),
-    # wide in float64
-    "wide_float64": dict(
-        B=3, T=3, D=2, H=2, mask=True, state=True, seq=True, back=False, zofm=False,
-        dtype="float64", tun=dict(LSTM_MODE="auto", LSTM_WIDE="on", WIDE_K_TILE=1),
-        path="wide"),
     # per-step fallback: 3 x 3 blocks, ragged in units (7 = 3+3+1) and batch (5 = 2+2+1)
     "stepwise_ragged_back_mask": dict(
         B=5, T=5, D=4, H=7, mask=True, state=True, seq=True, back=True, zofm=False,
@@ -233,8 +219,7 @@ def _worker(out_dir):
     base = _patched(_cuda, SMALL)
     defaults = {k: getattr(_cuda, k) for k in (
         "LSTM_MODE", "THREADS_PER_BLOCK", "HIDDEN_PER_BLOCK", "BATCH_PER_BLOCK",
-        "BATCH_REGISTER_TILE", "MAX_SHARED_BYTES", "H_STAGE_BYTES", "LSTM_WIDE",
-        "WIDE_K_TILE")}
+        "BATCH_REGISTER_TILE", "MAX_SHARED_BYTES", "H_STAGE_BYTES")}
 
     for name, c in LSTM_CASES.items():
         def lstm_case(name=name, c=c):
@@ -266,31 +251,6 @@ def _worker(out_dir):
         return {"raised": None}
     run("forced_persistent_refuses", forced_refuses)
 
-    # the wide-batch kernel takes at most 256 rows: "on" refuses, "auto" falls back
-    def wide_limits():
-        rng = np.random.default_rng(5)
-        x = rng.standard_normal((257, 2, 1)).astype(np.float32)
-        W, U = (rng.standard_normal((1, 4)).astype(np.float32) for _ in range(2))
-        b = np.zeros(4, np.float32)
-        res = {}
-        try:
-            _patched(_cuda, dict(LSTM_WIDE="on", THREADS_PER_BLOCK=32))
-            try:
-                _cuda.lstm_cuda(x, W, U, b, None, None, None)
-                res["raised"] = None
-            except RuntimeError as exc:
-                res["raised"] = str(exc)
-            _patched(_cuda, dict(LSTM_WIDE="auto"))
-            out, _, _ = _cuda.lstm_cuda(x, W, U, b, None, None, None,
-                                        return_sequences=True)
-            res["auto_path"] = _cuda.last_lstm_path[0]
-            arrays["wide_limits/out"] = out
-            arrays["wide_limits/x"], arrays["wide_limits/W"] = x, W
-            arrays["wide_limits/U"] = U
-        finally:
-            _patched(_cuda, defaults)
-        return res
-    run("wide_limits", wide_limits)
 
     # the input projection's cached buffer: one per dtype (here: one float32 buffer),
     # freed by release_workspace
@@ -470,10 +430,7 @@ def test_lstm_matches_cpu_and_reference(sim, name, assert_close):
     path, reason = info["path"]
     assert path == c["path"], (path, reason)
     launches = info["launches"]
-    if path == "wide":
-        assert launches.get("lstm_wide") == 1 and "lstm_step" not in launches \
-            and "lstm_persistent" not in launches
-    elif path == "persistent":
+    if path == "persistent":
         assert launches.get("lstm_persistent") == 1 and "lstm_step" not in launches
         if "ks" in c:
             assert f"KS={c['ks']}" in reason, reason
@@ -524,14 +481,6 @@ def test_workspace_is_cached_and_released(sim):
     assert info["cached"] == 1 and info["released"] == 0 and info["same"], info
 
 
-def test_wide_kernel_limits(sim, assert_close):
-    info = _meta(sim, "wide_limits")
-    assert info["raised"] and "wide-batch" in info["raised"] and "256" in info["raised"]
-    assert info["auto_path"] == "persistent"
-    a = sim[1]
-    ref = ref_lstm(a["wide_limits/x"], a["wide_limits/W"], a["wide_limits/U"],
-                   np.zeros(4, np.float32), return_sequences=True)
-    assert_close(a["wide_limits/out"], ref, *config.tolerance(np.float32), "B = 257")
 
 
 @pytest.mark.parametrize("name", list(DENSE_CASES))
@@ -655,10 +604,12 @@ def test_gpu_check_script_dry_run(tmp_path):
         assert row[key] > 0, key
     assert row["argmax_agree"] == 1.0
     assert row["rel_err_lstm"] <= 1e-5 and row["rel_err_dense"] <= 1e-5
-    assert len(rep["semantics"]) == 16 and all(r["ok"] for r in rep["semantics"])
+    assert len(rep["semantics"]) == 12 and all(r["ok"] for r in rep["semantics"])
     # the BPTT kernels against the CPU ones: two dtypes x both directions
     assert len(rep["training"]) == 4 and all(r["ok"] for r in rep["training"])
-    assert rep["training"][0]["t_fastseq_vjp_ms"] > 0
+    assert rep["training"][0]["t_fastseq_vjp_auto_ms"] > 0
+    assert rep["training"][0]["t_fastseq_vjp_stepwise_ms"] > 0
+    assert [r["path_auto"] for r in rep["training"]] == ["persistent"] * 4
     assert "| B | H | kernel |" in proc.stdout and "BPTT kernels" in proc.stdout
     assert [r["what"] for r in rep["tuning"]] == ["lstm", "dense_softmax"]
     assert all(r["ms"] > 0 and "error" not in r for r in rep["tuning"]), rep["tuning"]

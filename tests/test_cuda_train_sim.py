@@ -6,7 +6,11 @@ test_training.py) and, for the output, the float64 reference.
 As in test_cuda_sim.py the simulator runs in a subprocess (this file doubles as the
 worker: ``python tests/test_cuda_train_sim.py --worker OUT_DIR``), with the launch
 tunables patched small so every grid has several blocks and the grid-stride loops go
-round more than once.
+round more than once.  Every case runs in both training modes: "stepwise" (a cell
+launch and a GEMM per step) and "auto" (the forward recurrence in lstm_cuda's kernels
+with the saved gates recomputed, and the backward recurrence in one cooperative
+launch: one block here, since the simulator runs blocks one after another and its
+grid barrier does not make them wait for each other).
 """
 import json
 import os
@@ -33,6 +37,7 @@ CASES = {
                             rec="linear"),
 }
 DTYPES = ("float64", "float32")
+MODES = ("stepwise", "auto")
 
 
 def inputs(name, dtype):
@@ -112,22 +117,24 @@ def _worker(out_dir):
     for k, v in SMALL.items():
         setattr(_cuda, k, v)
     arrays, meta = {}, {}
-    for name in CASES:
-        for dtype in DTYPES:
-            key = f"{name}/{dtype}"
-            try:
-                before = dict(_cuda.LAUNCHES)
-                g = run_vjp(name, dtype, "cuda")
-                for k, v in g.items():
-                    if v is not None:
-                        arrays[f"{key}/{k}"] = np.asarray(v)
-                meta[key] = {"launches": {k: v - before.get(k, 0)
-                                          for k, v in _cuda.LAUNCHES.items()
-                                          if v - before.get(k, 0)}}
-            except Exception as exc:  # reported per case by the tests
-                import traceback
-                meta[key] = {"error": f"{type(exc).__name__}: {exc}\n"
-                                      f"{traceback.format_exc()}"}
+    for name, dtype, mode in ((n, d, m) for n in CASES for d in DTYPES for m in MODES):
+        key = f"{name}/{dtype}/{mode}"
+        try:
+            _cuda.TRAIN_MODE = mode
+            before = dict(_cuda.LAUNCHES)
+            g = run_vjp(name, dtype, "cuda")
+            for k, v in g.items():
+                if v is not None:
+                    arrays[f"{key}/{k}"] = np.asarray(v)
+            meta[key] = {"launches": {k: v - before.get(k, 0)
+                                      for k, v in _cuda.LAUNCHES.items()
+                                      if v - before.get(k, 0)},
+                         "path": _cuda.last_train_path}
+        except Exception as exc:  # reported per case by the tests
+            import traceback
+            meta[key] = {"error": f"{type(exc).__name__}: {exc}\n"
+                                  f"{traceback.format_exc()}"}
+    _cuda.TRAIN_MODE = "auto"
     try:
         model, ids, y = tagger_case()
         model.device = "cuda"
@@ -170,16 +177,27 @@ def sim(run_sim_worker):
 RTOL = {"float64": 1e-9, "float32": 1e-4}
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_gradients_match_cpu(sim, name, dtype):
+def test_gradients_match_cpu(sim, name, dtype, mode):
     meta, arrays = sim
-    key = f"{name}/{dtype}"
+    key = f"{name}/{dtype}/{mode}"
     assert key in meta, f"case {key} did not run in the simulator"
     assert "error" not in meta[key], meta[key]["error"]
     launches = meta[key]["launches"]
     T = CASES[name]["T"]
-    assert launches.get("train_fwd_cell") == T and launches.get("train_bwd_cell") == T
+    if mode == "stepwise":
+        assert launches.get("train_fwd_cell") == T and launches.get("train_bwd_cell") == T
+        assert meta[key]["path"][0] == "stepwise"
+    else:
+        # no per-step training launches: the inference kernel's one persistent launch,
+        # two scans, and the backward recurrence in one launch
+        assert "train_fwd_cell" not in launches and "train_bwd_cell" not in launches
+        assert launches.get("lstm_persistent") == 1 and "lstm_step" not in launches
+        assert launches.get("train_scan") == 2
+        assert launches.get("train_bwd_persistent") == 1, meta[key]["path"]
+        assert meta[key]["path"][0] == "persistent"
     want = run_vjp(name, dtype, "cpu")
     for k, w in want.items():
         if w is None:
@@ -199,9 +217,11 @@ def test_model_trains_on_the_gpu_like_on_the_cpu(sim):
     meta, arrays = sim
     assert "error" not in meta["model"], meta["model"]["error"]
     launches = meta["model"]["launches"]
-    # 4 passes (loss_and_gradients + 3 steps) x 2 directions x T = 6 steps
-    assert launches.get("train_fwd_cell") == 4 * 2 * 6
-    assert launches.get("train_bwd_cell") == 4 * 2 * 6
+    # 4 passes (loss_and_gradients + 3 steps) x 2 directions, one persistent launch
+    # each way
+    assert launches.get("train_bwd_persistent") == 4 * 2
+    assert launches.get("lstm_persistent") == 4 * 2
+    assert "train_fwd_cell" not in launches and "train_bwd_cell" not in launches
     model, ids, y = tagger_case()
     loss, grads, weights = train_model(model, ids, y)
     assert abs(float(arrays["model/loss"]) - loss) <= 1e-5 * abs(loss)

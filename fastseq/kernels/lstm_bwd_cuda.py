@@ -81,19 +81,23 @@ def signatures(np_dtype):
         "bwd_dh": (a2, a2, m2, i),
         # A, out
         "col_sum": (a2, f[::1]),
+        # outs, mask, h0, hprev, out, go_back
+        "scan_h": (a3, m2, a2, a3, a3, i),
+        # xw, gates, b, mask, c0, cprev, actc, go_back, act, rec
+        "scan_c": (a3, a3, f[::1], m2, a2, a3, a3, i, i, i),
+        # dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo, flags
+        "bwd_persistent": (a3, a3, a3, a3, m2, a2, a3, a2, a2, a2, i, i),
     }
 
 
 class TrainKernels:
     """Python kernel functions for one dtype, plus their Numba signatures."""
 
-    def __init__(self, np_dtype, fwd_cell, bwd_cell, bwd_dh, col_sum, sigs):
+    def __init__(self, np_dtype, sigs, **kernels):
         self.dtype = np.dtype(np_dtype)
-        self.fwd_cell = fwd_cell
-        self.bwd_cell = bwd_cell
-        self.bwd_dh = bwd_dh
-        self.col_sum = col_sum
         self.signatures = sigs
+        for name, fn in kernels.items():
+            setattr(self, name, fn)
 
 
 def train_kernels(np_dtype):
@@ -104,6 +108,7 @@ def train_kernels(np_dtype):
         return ks
     ty = np.dtype(np_dtype).type
     ZERO = ty(0.0)
+    nbdt = _NB_DTYPES[np.dtype(np_dtype)]
     act = make_act(np_dtype)
     act_grad = make_act_grad(np_dtype)
 
@@ -153,6 +158,36 @@ def train_kernels(np_dtype):
                 out[t, r, j] = out[tp, r, j]
             k += stride
 
+    @cuda.jit(device=True)
+    def cell_grad(r, j, t, dout, carry, dh, dc, gates, actc, cprev, dz, mask, zofm,
+                  a_code, r_code):
+        # The backward cell of batch row r, unit j at input time t (see bwd_cell):
+        # writes dz[t, r, g*H + j] and updates dc[r, j] and carry[r, j].
+        H = dh.shape[1]
+        if mask[t, r] != 0:
+            dhv = dout[t, r, j] + carry[r, j] + dh[r, j]
+            carry[r, j] = ZERO
+            a = actc[t, r, j]
+            o = gates[t, r, 3 * H + j]
+            dcn = dc[r, j] + dhv * o * act_grad(a_code, a)
+            dz[t, r, 3 * H + j] = dhv * a * act_grad(r_code, o)
+            gi = gates[t, r, j]
+            gf = gates[t, r, H + j]
+            gg = gates[t, r, 2 * H + j]
+            dz[t, r, j] = dcn * gg * act_grad(r_code, gi)
+            dz[t, r, H + j] = dcn * cprev[t, r, j] * act_grad(r_code, gf)
+            dz[t, r, 2 * H + j] = dcn * gi * act_grad(a_code, gg)
+            dc[r, j] = dcn * gf
+        else:
+            dz[t, r, j] = ZERO
+            dz[t, r, H + j] = ZERO
+            dz[t, r, 2 * H + j] = ZERO
+            dz[t, r, 3 * H + j] = ZERO
+            if zofm != 0:
+                carry[r, j] = ZERO
+            else:
+                carry[r, j] += dout[t, r, j]
+
     def bwd_cell(dout, carry, dh, dc, gates, actc, cprev, dz, mask, t, zofm, a_code,
                  r_code):
         # dout: [T, B, H] gradient wrt the outputs; carry: [B, H] gradient flowing along
@@ -166,30 +201,8 @@ def train_kernels(np_dtype):
         stride = cuda.gridsize(1)
         while k < n:
             r = k // H
-            j = k - r * H
-            if mask[t, r] != 0:
-                dhv = dout[t, r, j] + carry[r, j] + dh[r, j]
-                carry[r, j] = ZERO
-                a = actc[t, r, j]
-                o = gates[t, r, 3 * H + j]
-                dcn = dc[r, j] + dhv * o * act_grad(a_code, a)
-                dz[t, r, 3 * H + j] = dhv * a * act_grad(r_code, o)
-                gi = gates[t, r, j]
-                gf = gates[t, r, H + j]
-                gg = gates[t, r, 2 * H + j]
-                dz[t, r, j] = dcn * gg * act_grad(r_code, gi)
-                dz[t, r, H + j] = dcn * cprev[t, r, j] * act_grad(r_code, gf)
-                dz[t, r, 2 * H + j] = dcn * gi * act_grad(a_code, gg)
-                dc[r, j] = dcn * gf
-            else:
-                dz[t, r, j] = ZERO
-                dz[t, r, H + j] = ZERO
-                dz[t, r, 2 * H + j] = ZERO
-                dz[t, r, 3 * H + j] = ZERO
-                if zofm != 0:
-                    carry[r, j] = ZERO
-                else:
-                    carry[r, j] += dout[t, r, j]
+            cell_grad(r, k - r * H, t, dout, carry, dh, dc, gates, actc, cprev, dz, mask,
+                      zofm, a_code, r_code)
             k += stride
 
     def bwd_dh(dhu, dh, mask, t):
@@ -218,6 +231,151 @@ def train_kernels(np_dtype):
             out[j] = acc
             j += stride
 
-    ks = TrainKernels(np_dtype, fwd_cell, bwd_cell, bwd_dh, col_sum, signatures(np_dtype))
+    def scan_h(outs, mask, h0, hprev, out, go_back):
+        # The persistent forward's outputs rearranged for backpropagation, one thread
+        # per (row, unit), walking the steps in order.
+        # outs: [B, T, H] outputs in processing order (lstm_cuda's); mask: [T, B];
+        # h0: [B, H] initial h; hprev: [T, B, H] <- the h before each input time's step
+        # (an unmasked step's output is its new h; a masked step keeps h);
+        # out: [T, B, H] <- outs at input times.
+        B = outs.shape[0]
+        T = outs.shape[1]
+        H = outs.shape[2]
+        n = B * H
+        k = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while k < n:
+            r = k // H
+            j = k - r * H
+            hv = h0[r, j]
+            for s in range(T):
+                t = T - 1 - s if go_back != 0 else s
+                hprev[t, r, j] = hv
+                y = outs[r, s, j]
+                out[t, r, j] = y
+                if mask[t, r] != 0:
+                    hv = y
+            k += stride
+
+    def scan_c(xw, gates, b, mask, c0, cprev, actc, go_back, a_code, r_code):
+        # The cell state along the steps, from the gate inputs; one thread per (row,
+        # unit).  xw: [T, B, 4H] x W (no bias); gates: [T, B, 4H] holds hprev U on entry
+        # and the activated gates i, f, g, o on return (unmasked rows); b: [4H];
+        # mask: [T, B]; c0: [B, H]; cprev: [T, B, H] <- c before each step; actc:
+        # [T, B, H] <- act(c) after each unmasked step.
+        T = xw.shape[0]
+        B = c0.shape[0]
+        H = c0.shape[1]
+        n = B * H
+        k = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while k < n:
+            r = k // H
+            j = k - r * H
+            cv = c0[r, j]
+            for s in range(T):
+                t = T - 1 - s if go_back != 0 else s
+                cprev[t, r, j] = cv
+                if mask[t, r] != 0:
+                    gi = act(r_code, gates[t, r, j] + xw[t, r, j] + b[j])
+                    gf = act(r_code, gates[t, r, H + j] + xw[t, r, H + j] + b[H + j])
+                    gg = act(a_code, gates[t, r, 2 * H + j] + xw[t, r, 2 * H + j]
+                             + b[2 * H + j])
+                    go = act(r_code, gates[t, r, 3 * H + j] + xw[t, r, 3 * H + j]
+                             + b[3 * H + j])
+                    gates[t, r, j] = gi
+                    gates[t, r, H + j] = gf
+                    gates[t, r, 2 * H + j] = gg
+                    gates[t, r, 3 * H + j] = go
+                    cv = gf * cv + gi * gg
+                    actc[t, r, j] = act(a_code, cv)
+            k += stride
+
+    def bwd_persistent(dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo,
+                       flags):
+        # The whole backward recurrence in one cooperative launch (bwd_cell, the
+        # product dz[t] U^T and bwd_dh of every step).  Block q owns units j0..j0+nu-1
+        # (j0 = q*HB) and keeps their rows of U in shared memory.  Each step: (A) the
+        # cell gradient of its units (dz[t, :, g*H + j]; reads dh of its own units
+        # only), a grid barrier publishing dz[t], then (B) dh[r, j] = dz[t, r, :] . U[j]
+        # on unmasked rows, KS threads per (row, unit) summed through shared memory.
+        # dout, actc, cprev: [T, B, H]; gates, dz: [T, B, 4H]; mask: [T, B] uint8;
+        # U: [H, 4H]; dh, dc, carry: [B, H], the gradients wrt the final state on entry
+        # (carry: zeros) and wrt the initial state on return;
+        # geo = HB | KS << 20; flags = go_back | zofm << 1 | act << 8 | rec << 16.
+        # Dynamic shared memory: HB*4H + blockDim.x values.
+        T = gates.shape[0]
+        B = gates.shape[1]
+        H4 = gates.shape[2]
+        H = H4 // 4
+        HB = geo & 0xFFFFF
+        KS = (geo >> 20) & 0xFFFFF
+        go_back = flags & 1
+        zofm = (flags >> 1) & 1
+        a_code = (flags >> 8) & 0xFF
+        r_code = (flags >> 16) & 0xFF
+        j0 = cuda.blockIdx.x * HB
+        nu = min(HB, H - j0)
+        tid = cuda.threadIdx.x
+        nthr = cuda.blockDim.x
+        sm = cuda.shared.array(0, nbdt)
+        nus = HB * H4
+        Us = sm[:nus]
+        red = sm[nus:nus + nthr]
+        for e in range(tid, nu * H4, nthr):
+            u = e // H4
+            Us[e] = U[j0 + u, e - u * H4]
+        cuda.syncthreads()
+        part = tid % KS
+        slot = tid // KS
+        nslots = nthr // KS
+        nitems = B * nu
+        nrounds = (nitems + nslots - 1) // nslots
+        H4u = np.uint64(H4)
+        ksu = np.uint64(KS)
+        grid = cuda.cg.this_grid()
+        for s in range(T - 1, -1, -1):
+            t = T - 1 - s if go_back != 0 else s
+            for e in range(tid, nitems, nthr):
+                r = e // nu
+                cell_grad(r, j0 + e - r * nu, t, dout, carry, dh, dc, gates, actc, cprev,
+                          dz, mask, zofm, a_code, r_code)
+            cuda.threadfence()
+            grid.sync()
+            for rnd in range(nrounds):
+                item = rnd * nslots + slot
+                r = item // nu
+                u = item - r * nu
+                on = item < nitems
+                if on:
+                    on = mask[t, r] != 0
+                acc = ZERO
+                if on:
+                    zrow = dz[t, r]
+                    wrow = Us[u * H4:u * H4 + H4]
+                    m = np.uint64(part)
+                    while m < H4u:
+                        acc += zrow[m] * wrow[m]
+                        m += ksu
+                if KS > 1:
+                    red[tid] = acc
+                    cuda.syncthreads()
+                    w = KS // 2
+                    while w > 0:
+                        if part < w:
+                            red[tid] += red[tid + w]
+                        cuda.syncthreads()
+                        w //= 2
+                    acc = red[tid]
+                    cuda.syncthreads()
+                if on and part == 0:
+                    dh[r, j0 + u] = acc
+            # (A) of the next step reads dh of this block's units, written in (B) by
+            # other threads of the block
+            cuda.syncthreads()
+
+    ks = TrainKernels(np_dtype, signatures(np_dtype), fwd_cell=fwd_cell,
+                      bwd_cell=bwd_cell, bwd_dh=bwd_dh, col_sum=col_sum, scan_h=scan_h,
+                      scan_c=scan_c, bwd_persistent=bwd_persistent)
     _CACHE[key] = ks
     return ks

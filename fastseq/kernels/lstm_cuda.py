@@ -109,18 +109,6 @@ def unpack_flags(flags):
 
 
 @cuda.jit(device=True)
-def block_geometry(G, Ut, geo):
-    """(B, T, H, HB, mid, Hp, j0, nu) of a persistent kernel's block: the sizes from G
-    [B, T, 4H] and Ut [4H, H], the fields of the packed ``geo`` = HB | mid << 20 |
-    Hp << 40 (mid is KS or KT, by kernel), and the block's units j0..j0+nu-1."""
-    HB = geo & 0xFFFFF
-    H = Ut.shape[1]
-    j0 = cuda.blockIdx.x * HB
-    return (G.shape[0], G.shape[1], H, HB, (geo >> 20) & 0xFFFFF, geo >> 40, j0,
-            min(HB, H - j0))
-
-
-@cuda.jit(device=True)
 def block_prologue(Ut, Us, st, h0, c0, j0, nu, HB, Hp, has_h0, has_c0):
     """A persistent block's start: copy the recurrent weights of its units j0..j0+nu-1
     (all four gates) into shared memory, Us[(g*HB + u)*Hp + k] = Ut[g*H + j0 + u, k],
@@ -434,9 +422,16 @@ def lstm_kernels(np_dtype, rbb):
         #         | has_c0 << 5 | act << 8 | ract << 16.
         # Grid: ceil(H/HB) blocks, launched cooperatively; dynamic shared memory
         # 4*HB*Hp (weights) + B*Hs (staged h) (+ 4*RBB*blockDim.x if KS > 1) values.
-        B, T, H, HB, KS, Hp, j0, nu = block_geometry(G, Ut, geo)
+        B = G.shape[0]
+        T = G.shape[1]
+        H = Ut.shape[1]
+        HB = geo & 0xFFFFF
+        KS = (geo >> 20) & 0xFFFFF
+        Hp = geo >> 40
         has_mask, go_back, zofm, ret_seq, has_h0, has_c0, act, ract = \
             unpack_flags(flags)
+        j0 = cuda.blockIdx.x * HB
+        nu = min(HB, H - j0)
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
         sm = cuda.shared.array(0, nbdt)
@@ -626,182 +621,3 @@ def lstm_kernels(np_dtype, rbb):
                      signatures(np_dtype))
     _CACHE[key] = ks
     return ks
-
-
-# Rows per lane of the wide-batch kernel (lane l owns rows l, l+32, ..., l+32*(RB-1)).
-WIDE_ROWS_PER_LANE = 8
-WIDE_MAX_BATCH = 32 * WIDE_ROWS_PER_LANE
-
-
-def wide_signature(np_dtype):
-    """Numba signature of ``wide_kernel(np_dtype)``: G, Ut, bias, st, out, mask, h0, c0,
-    geo, flags."""
-    f = _NB_DTYPES[np.dtype(np_dtype)]
-    i8 = nbt.int64
-    return (f[:, :, ::1], f[:, ::1], f[::1], f[:, :, ::1], f[:, :, ::1], nbt.uint8[:, ::1],
-            f[:, ::1], f[:, ::1], i8, i8)
-
-
-_WIDE = {}
-
-
-def _wide_tile_fma(rb):
-    """Device function ``tile_fma(hs, lane, w0, w1, w2, w3, kt, acc)``:
-    acc[i, g] += sum_{kk < kt} hs[kk*BP + lane + 32*i] * wg[kk] for i < rb, with the
-    4*rb sums in named scalars (so they stay in registers; a local array indexed in a
-    loop with a run-time trip count is kept in local memory).  Generated source, since
-    Numba does not unroll loops."""
-    bp = 32 * rb + 1
-    lines = ["def tile_fma(hs, lane, w0, w1, w2, w3, kt, acc):"]
-    lines += [f"    a{i}_{g} = acc[{i}, {g}]" for i in range(rb) for g in range(4)]
-    lines += ["    base = lane",
-              "    for kk in range(kt):",
-              "        x0 = w0[kk]",
-              "        x1 = w1[kk]",
-              "        x2 = w2[kk]",
-              "        x3 = w3[kk]"]
-    for i in range(rb):
-        lines.append(f"        h = hs[base + {32 * i}]")
-        lines += [f"        a{i}_{g} += h * x{g}" for g in range(4)]
-    lines.append(f"        base += {bp}")
-    lines += [f"    acc[{i}, {g}] = a{i}_{g}" for i in range(rb) for g in range(4)]
-    ns = {}
-    exec(compile("\n".join(lines), f"<fastseq wide tile_fma rb={rb}>", "exec"), ns)
-    return cuda.jit(device=True)(ns["tile_fma"])
-
-
-def wide_kernel(np_dtype):
-    """The persistent LSTM kernel for wide batches (up to WIDE_MAX_BATCH rows): each
-    step's recurrent product is a small GEMM per block, [B, H] x [H, 4*HB].
-
-    Block ``bx`` owns units ``j0 = bx*HB .. j0+nu`` (weights in shared memory as in
-    ``lstm_persistent``, rows ``g*HB + u`` of ``Hp`` values) and has one warp per unit:
-    warp ``u`` computes that unit's four gates for every batch row, lane ``l`` for rows
-    ``l + 32*i`` (i < RB), so each thread keeps a 4 x RB tile of sums in registers and
-    needs no reduction.  h is staged per step in column tiles of ``KT`` values,
-    transposed (``hs[kk*BP + b]``, ``BP = 32*RB + 1``): the lanes of a warp read
-    consecutive rows (no bank conflicts) and share each weight (broadcast).  The owner
-    keeps c and the last output of its rows in registers and loads the next step's
-    inputs before the grid barrier.  geo = HB | KT << 20 | Hp << 40; flags as in
-    ``lstm_persistent``.  Block: 32*HB threads; dynamic shared memory 4*HB*Hp + KT*BP
-    values.  Experimental: used only when ``fastseq._cuda.LSTM_WIDE`` asks for it."""
-    key = np.dtype(np_dtype).str
-    k = _WIDE.get(key)
-    if k is not None:
-        return k
-    nbdt = _NB_DTYPES[np.dtype(np_dtype)]
-    ty = np.dtype(np_dtype).type
-    ZERO = ty(0.0)
-    RB = WIDE_ROWS_PER_LANE
-    BP = 32 * RB + 1
-    act_fn = make_act(np_dtype)
-    tile_fma = _wide_tile_fma(RB)
-
-    @cuda.jit(device=True)
-    def load_rows(G, bias, mask, t, j, lane, H, has_mask, zin, mon):
-        # zin[i, g] = G[b, t, g*H + j] + bias[g*H + j], mon[i] = mask[b, t] (1 without
-        # a mask) for rows b = lane + 32*i (rows past the end reuse row B-1)
-        last = G.shape[0] - 1
-        for i in range(RB):
-            b = min(lane + 32 * i, last)
-            for g in range(4):
-                zin[i, g] = G[b, t, g * H + j] + bias[g * H + j]
-            mon[i] = mask[b, t] if has_mask != 0 else np.uint8(1)
-
-    def lstm_wide(G, Ut, bias, st, out, mask, h0, c0, geo, flags):
-        B, T, H, HB, KT, Hp, j0, nu = block_geometry(G, Ut, geo)
-        has_mask, go_back, zofm, ret_seq, has_h0, has_c0, act, ract = \
-            unpack_flags(flags)
-        tid = cuda.threadIdx.x
-        nthr = cuda.blockDim.x
-        u = tid // 32
-        lane = tid - 32 * u
-        sm = cuda.shared.array(0, nbdt)
-        nus = 4 * HB * Hp
-        Us = sm[:nus]
-        hs = sm[nus:nus + KT * BP]
-        block_prologue(Ut, Us, st, h0, c0, j0, nu, HB, Hp, has_h0, has_c0)
-        grid = cuda.cg.this_grid()
-        grid.sync()
-        mine = u < nu
-        j = j0 + u
-        last = B - 1
-        acc = cuda.local.array((RB, 4), nbdt)
-        zin = cuda.local.array((RB, 4), nbdt)
-        mon = cuda.local.array(RB, nbt.uint8)
-        creg = cuda.local.array(RB, nbdt)
-        yreg = cuda.local.array(RB, nbdt)
-        if mine:
-            for i in range(RB):
-                creg[i] = st[2, min(lane + 32 * i, last), j]
-                yreg[i] = ZERO
-            load_rows(G, bias, mask, T - 1 if go_back != 0 else 0, j, lane, H, has_mask,
-                      zin, mon)
-        c = st[2]
-        ylast = st[3]
-        for s in range(T):
-            t = s
-            if go_back != 0:
-                t = T - 1 - s
-            p = s % 2
-            hin = st[p]
-            hout = st[1 - p]
-            for i in range(RB):
-                for g in range(4):
-                    acc[i, g] = ZERO
-            for k0 in range(0, H, KT):
-                kt = min(KT, H - k0)
-                cuda.syncthreads()
-                # stage hin[:, k0:k0+kt] transposed (columns fastest: coalesced reads)
-                n = B * kt
-                e = tid
-                while e < n:
-                    b = e // kt
-                    kk = e - b * kt
-                    hs[kk * BP + b] = hin[b, k0 + kk]
-                    e += nthr
-                cuda.syncthreads()
-                if mine:
-                    tile_fma(hs, lane, Us[u * Hp + k0:u * Hp + k0 + kt],
-                             Us[(HB + u) * Hp + k0:(HB + u) * Hp + k0 + kt],
-                             Us[(2 * HB + u) * Hp + k0:(2 * HB + u) * Hp + k0 + kt],
-                             Us[(3 * HB + u) * Hp + k0:(3 * HB + u) * Hp + k0 + kt],
-                             kt, acc)
-            if mine:
-                keep = s + 1 < T
-                for i in range(RB):
-                    b = lane + 32 * i
-                    if b < B:
-                        cp = creg[i]
-                        if not keep:
-                            c[b, j] = cp
-                        if mon[i] != 0:
-                            ig = act_fn(ract, acc[i, 0] + zin[i, 0])
-                            fg = act_fn(ract, acc[i, 1] + zin[i, 1])
-                            og = act_fn(ract, acc[i, 3] + zin[i, 3])
-                            cn = fg * cp + ig * act_fn(act, acc[i, 2] + zin[i, 2])
-                            hn = og * act_fn(act, cn)
-                            creg[i] = cn
-                            if not keep:
-                                c[b, j] = cn
-                            hout[b, j] = hn
-                            y = hn
-                        else:
-                            hout[b, j] = hin[b, j]
-                            if zofm != 0:
-                                y = ZERO
-                            else:
-                                y = yreg[i]
-                        yreg[i] = y
-                        if not keep:
-                            ylast[b, j] = y
-                        if ret_seq != 0:
-                            out[b, s, j] = y
-                if keep:
-                    load_rows(G, bias, mask, T - 2 - s if go_back != 0 else s + 1, j,
-                              lane, H, has_mask, zin, mon)
-            if s + 1 < T:
-                grid.sync()
-
-    _WIDE[key] = lstm_wide
-    return lstm_wide
