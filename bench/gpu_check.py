@@ -460,6 +460,29 @@ def training_check(ctx, args):
     return res
 
 
+def _host_profile(fn, reps=5, top=14):
+    """Where the host time of ``fn`` goes (cProfile over ``reps`` calls after one
+    warm-up): the ``top`` functions by own time, as text lines.  Kernel launches are
+    asynchronous, so kernel time shows up in the calls that wait for it (copies to
+    the host, synchronisations)."""
+    import cProfile
+    import io
+    import pstats
+    fn()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(reps):
+        fn()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    print(f"host profile ({reps} calls):")
+    for ln in lines[-top - 1:]:
+        print("   ", ln[:150])
+    return lines[-top - 1:]
+
+
 def _training_cases(ctx, B, T, D, H, cases):
     from fastseq import _cuda
     from fastseq.training import lstm_vjp
@@ -503,6 +526,10 @@ def _training_cases(ctx, B, T, D, H, cases):
                                                                   c0))
                 finally:
                     _cuda.TRAIN_MODE = "auto"
+            if dt == np.float32 and not back:
+                r["host_profile_auto"] = _host_profile(
+                    lambda: lstm_vjp(*args_, device="cuda", **kw),
+                    reps=1 if ctx.dry else 5)
             if dt == np.float32 and not back and ctx.torch is not None \
                     and ctx.tdev == "cuda":
                 torch = ctx.torch

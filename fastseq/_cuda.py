@@ -53,6 +53,9 @@ LSTM_MODE = "auto"
 # backward recurrence in one cooperative launch when it fits, else per step), or
 # "stepwise" (a cell launch and a GEMM per step, both ways).
 TRAIN_MODE = "auto"
+# Rows of dz the persistent backward kernel stages in shared memory at a time (None: as
+# many as fit, up to the batch).
+TRAIN_STAGE_ROWS = None
 # Cap on dynamic shared memory per block in bytes; None = the device's opt-in maximum.
 MAX_SHARED_BYTES = None
 # Persistent kernel: at most this many threads share one item's dot products (power of
@@ -875,15 +878,18 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
     gates = cuda.device_array((T, B, G4), dtype=dt)
     actc = cuda.device_array((T, B, H), dtype=dt)
     out = cuda.device_array((T, B, H), dtype=dt)
-    _matmul(cuda, xd, cuda.to_device(np.ascontiguousarray(W, dtype=dt)), xw)
+    Wd = cuda.to_device(np.ascontiguousarray(W, dtype=dt))
+    _matmul(cuda, xd, Wd, xw)
     xw3 = xw.reshape(T, B, G4)
     hprev3 = hprev.reshape(T, B, H)
     tpb, nblk = _cell_grid(B * H)
     if _train_mode() == "auto" and T > 0 and B * H > 0:
+        # the weights lstm_cuda needs, from the uploads above (U transposed on the GPU)
+        weights = LSTMWeights(Wd, _transpose_dev(cuda, Ud), bd, dt)
         outs, _, _ = lstm_cuda(cuda.to_device(np.ascontiguousarray(xc.transpose(1, 0, 2))),
-                               W, U, b, h, c, np.asarray(m8).T, go_backwards=gb,
+                               None, None, None, h, c, np.asarray(m8).T, go_backwards=gb,
                                return_sequences=True, zero_output_for_mask=zofm,
-                               act=a_code, rec=r_code)
+                               act=a_code, rec=r_code, weights=weights)
         _train_kernel(cuda, "scan_h", dt)[nblk, tpb](outs, md, h, hprev3, out, gb)
         _matmul(cuda, hprev, Ud, gates.reshape(T * B, G4))
         _train_kernel(cuda, "scan_c", dt)[nblk, tpb](xw3, gates, bd, md, c, cprev, actc,
@@ -906,10 +912,13 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
 
 
 def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
-    """(HB, KS, threads, smem_bytes, nblocks) for ``bwd_persistent``, or (None,
-    reason)."""
+    """(HB, KS, RC, Up, Zs, threads, smem_bytes, nblocks) for ``bwd_persistent``, or
+    (None, reason): HB hidden units per block, KS threads per dot product, RC rows of
+    dz staged at a time, Up and Zs the padded row strides of U and dz in shared
+    memory."""
     key = ("train_bwd", B, H, itemsize, THREADS_PER_BLOCK, HIDDEN_PER_BLOCK,
-           PERSISTENT_BLOCKS_PER_SM, MAX_SHARED_BYTES, MAX_THREADS_PER_ITEM, id(kernel))
+           PERSISTENT_BLOCKS_PER_SM, MAX_SHARED_BYTES, MAX_THREADS_PER_ITEM,
+           TRAIN_STAGE_ROWS, id(kernel))
     hit = _PLAN_CACHE.get(key)
     if hit is not None:
         return hit
@@ -917,17 +926,26 @@ def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
     start, stop = _slice_range(cuda, H)
     tpb_max = _pow2floor(THREADS_PER_BLOCK)
     tpb_max = min(tpb_max, _kernel_max_threads(kernel, sig, tpb_max))
+    H4 = 4 * H
     result = (None, "no hidden-unit slice fits")
     for hb in range(start, stop + 1):
         nblk = -(-H // hb)
-        nitems = B * hb
-        ks = _choose_ks(tpb_max, nitems, 4 * H, cap=max(1, int(MAX_THREADS_PER_ITEM)))
-        tpb = min(tpb_max, max(min(32, tpb_max), _pow2ceil(nitems * ks)))
-        smem = itemsize * (4 * hb * H + tpb)
-        if smem > limit:
-            result = (None, f"the rows of U for {hb} hidden units need {smem} bytes of "
-                            f"shared memory, more than the {limit} available per block")
+        # KS from the items of a whole batch; the rows staged at a time from what is
+        # left of the shared memory
+        ks = _choose_ks(tpb_max, B * hb, H4, cap=max(1, int(MAX_THREADS_PER_ITEM)))
+        tpb = min(tpb_max, max(min(32, tpb_max), _pow2ceil(B * hb * ks)))
+        up = _pad_rows(H4, ks)
+        zs = _pad_rows(H4, min(32, ks * hb))
+        fixed = itemsize * (hb * up + tpb)
+        rc = min(B, max(0, limit - fixed) // (itemsize * zs))
+        if TRAIN_STAGE_ROWS is not None:
+            rc = min(rc, max(1, int(TRAIN_STAGE_ROWS)))
+        if rc < 1:
+            result = (None, f"the rows of U for {hb} hidden units and one row of dz need "
+                            f"{fixed + itemsize * zs} bytes of shared memory, more than "
+                            f"the {limit} available per block")
             break
+        smem = fixed + itemsize * rc * zs
         try:
             _enable_smem(cuda, kernel, sig, smem)
             maxb = _coop_blocks(kernel, sig, tpb, smem)
@@ -936,7 +954,7 @@ def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
                             f"({type(exc).__name__}: {exc})")
             break
         if nblk <= maxb:
-            result = (hb, ks, tpb, smem, nblk)
+            result = (hb, ks, rc, up, zs, tpb, smem, nblk)
             break
         result = (None, f"a cooperative grid of {nblk} blocks ({hb} hidden units each) "
                         f"cannot be co-resident (at most {maxb})")
@@ -978,13 +996,14 @@ def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
             plan = (None, f"the persistent kernel is unavailable "
                           f"({type(exc).__name__}: {exc})")
     if plan[0] is not None:
-        hb, ks, tpb_p, smem, nblk = plan
+        hb, ks, rc, up, zs, tpb_p, smem, nblk = plan
         flags = gb | zofm << 1 | saved["act"] << 8 | saved["rec"] << 16
         kp[nblk, tpb_p, 0, smem](doutd, gates, actc, cprev, md, saved["Ud"], dz, dhd, dcd,
-                                 carry, hb | ks << 20, flags)
+                                 carry, hb | ks << 16 | rc << 32, up | zs << 32, flags)
         LAUNCHES["train_bwd_persistent"] += 1
         last_train_path = ("persistent", f"{nblk} blocks x {tpb_p} threads, {hb} hidden "
-                                         f"units per block, KS={ks}, {smem} bytes shared")
+                                         f"units per block, KS={ks}, dz staged {rc} rows "
+                                         f"at a time, {smem} bytes shared")
     else:
         UTd = cuda.to_device(np.ascontiguousarray(np.asarray(saved["U"], dtype=dt).T))
         dhu = cuda.device_array((B, H), dtype=dt)

@@ -37,7 +37,7 @@ CASES = {
                             rec="linear"),
 }
 DTYPES = ("float64", "float32")
-MODES = ("stepwise", "auto")
+MODES = ("stepwise", "auto", "auto_rows2")
 
 
 def inputs(name, dtype):
@@ -120,7 +120,9 @@ def _worker(out_dir):
     for name, dtype, mode in ((n, d, m) for n in CASES for d in DTYPES for m in MODES):
         key = f"{name}/{dtype}/{mode}"
         try:
-            _cuda.TRAIN_MODE = mode
+            # "auto_rows2": the backward kernel stages dz two rows at a time
+            _cuda.TRAIN_MODE = mode.split("_")[0]
+            _cuda.TRAIN_STAGE_ROWS = 2 if mode == "auto_rows2" else None
             before = dict(_cuda.LAUNCHES)
             g = run_vjp(name, dtype, "cuda")
             for k, v in g.items():
@@ -135,6 +137,7 @@ def _worker(out_dir):
             meta[key] = {"error": f"{type(exc).__name__}: {exc}\n"
                                   f"{traceback.format_exc()}"}
     _cuda.TRAIN_MODE = "auto"
+    _cuda.TRAIN_STAGE_ROWS = None
     try:
         model, ids, y = tagger_case()
         model.device = "cuda"
@@ -197,7 +200,11 @@ def test_gradients_match_cpu(sim, name, dtype, mode):
         assert launches.get("lstm_persistent") == 1 and "lstm_step" not in launches
         assert launches.get("train_scan") == 2
         assert launches.get("train_bwd_persistent") == 1, meta[key]["path"]
-        assert meta[key]["path"][0] == "persistent"
+        path, detail = meta[key]["path"]
+        assert path == "persistent"
+        B = CASES[name]["B"]
+        rows = min(B, 2) if mode == "auto_rows2" else B
+        assert f"dz staged {rows} rows at a time" in detail, detail
     want = run_vjp(name, dtype, "cpu")
     for k, w in want.items():
         if w is None:

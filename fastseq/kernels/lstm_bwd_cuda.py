@@ -85,8 +85,8 @@ def signatures(np_dtype):
         "scan_h": (a3, m2, a2, a3, a3, i),
         # xw, gates, b, mask, c0, cprev, actc, go_back, act, rec
         "scan_c": (a3, a3, f[::1], m2, a2, a3, a3, i, i, i),
-        # dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo, flags
-        "bwd_persistent": (a3, a3, a3, a3, m2, a2, a3, a2, a2, a2, i, i),
+        # dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo, strides, flags
+        "bwd_persistent": (a3, a3, a3, a3, m2, a2, a3, a2, a2, a2, i, i, i),
     }
 
 
@@ -292,24 +292,31 @@ def train_kernels(np_dtype):
             k += stride
 
     def bwd_persistent(dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo,
-                       flags):
+                       strides, flags):
         # The whole backward recurrence in one cooperative launch (bwd_cell, the
         # product dz[t] U^T and bwd_dh of every step).  Block q owns units j0..j0+nu-1
         # (j0 = q*HB) and keeps their rows of U in shared memory.  Each step: (A) the
         # cell gradient of its units (dz[t, :, g*H + j]; reads dh of its own units
         # only), a grid barrier publishing dz[t], then (B) dh[r, j] = dz[t, r, :] . U[j]
-        # on unmasked rows, KS threads per (row, unit) summed through shared memory.
+        # on unmasked rows: dz[t] is staged in shared memory RC rows at a time (up to 8
+        # loads in flight per thread), and KS threads share each (row, unit) dot
+        # product, summed through shared memory.
         # dout, actc, cprev: [T, B, H]; gates, dz: [T, B, 4H]; mask: [T, B] uint8;
         # U: [H, 4H]; dh, dc, carry: [B, H], the gradients wrt the final state on entry
         # (carry: zeros) and wrt the initial state on return;
-        # geo = HB | KS << 20; flags = go_back | zofm << 1 | act << 8 | rec << 16.
-        # Dynamic shared memory: HB*4H + blockDim.x values.
+        # geo = HB | KS << 16 | RC << 32; strides = Up | Zs << 32: the padded row
+        # strides of the staged U rows and dz rows;
+        # flags = go_back | zofm << 1 | act << 8 | rec << 16.
+        # Dynamic shared memory: HB*Up + RC*Zs + blockDim.x values.
         T = gates.shape[0]
         B = gates.shape[1]
         H4 = gates.shape[2]
         H = H4 // 4
-        HB = geo & 0xFFFFF
-        KS = (geo >> 20) & 0xFFFFF
+        HB = geo & 0xFFFF
+        KS = (geo >> 16) & 0xFFFF
+        RC = geo >> 32
+        Up = strides & 0xFFFFFFFF
+        Zs = strides >> 32
         go_back = flags & 1
         zofm = (flags >> 1) & 1
         a_code = (flags >> 8) & 0xFF
@@ -319,60 +326,80 @@ def train_kernels(np_dtype):
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
         sm = cuda.shared.array(0, nbdt)
-        nus = HB * H4
+        nus = HB * Up
         Us = sm[:nus]
-        red = sm[nus:nus + nthr]
+        zs = sm[nus:nus + RC * Zs]
+        red = sm[nus + RC * Zs:nus + RC * Zs + nthr]
         for e in range(tid, nu * H4, nthr):
             u = e // H4
-            Us[e] = U[j0 + u, e - u * H4]
+            Us[u * Up + e - u * H4] = U[j0 + u, e - u * H4]
         cuda.syncthreads()
         part = tid % KS
         slot = tid // KS
         nslots = nthr // KS
-        nitems = B * nu
-        nrounds = (nitems + nslots - 1) // nslots
         H4u = np.uint64(H4)
         ksu = np.uint64(KS)
         grid = cuda.cg.this_grid()
         for s in range(T - 1, -1, -1):
             t = T - 1 - s if go_back != 0 else s
-            for e in range(tid, nitems, nthr):
+            for e in range(tid, B * nu, nthr):
                 r = e // nu
                 cell_grad(r, j0 + e - r * nu, t, dout, carry, dh, dc, gates, actc, cprev,
                           dz, mask, zofm, a_code, r_code)
             cuda.threadfence()
             grid.sync()
-            for rnd in range(nrounds):
-                item = rnd * nslots + slot
-                r = item // nu
-                u = item - r * nu
-                on = item < nitems
-                if on:
-                    on = mask[t, r] != 0
-                acc = ZERO
-                if on:
-                    zrow = dz[t, r]
-                    wrow = Us[u * H4:u * H4 + H4]
-                    m = np.uint64(part)
-                    while m < H4u:
-                        acc += zrow[m] * wrow[m]
-                        m += ksu
-                if KS > 1:
-                    red[tid] = acc
-                    cuda.syncthreads()
-                    w = KS // 2
-                    while w > 0:
-                        if part < w:
-                            red[tid] += red[tid + w]
+            for r0 in range(0, B, RC):
+                nr = min(RC, B - r0)
+                # stage rows r0..r0+nr-1 of dz[t]
+                n = nr * H4
+                e = tid
+                while e < n:
+                    v = cuda.local.array(8, nbdt)
+                    for q in range(8):
+                        eq = e + q * nthr
+                        if eq < n:
+                            rq = eq // H4
+                            v[q] = dz[t, r0 + rq, eq - rq * H4]
+                    for q in range(8):
+                        eq = e + q * nthr
+                        if eq < n:
+                            rq = eq // H4
+                            zs[rq * Zs + eq - rq * H4] = v[q]
+                    e += 8 * nthr
+                cuda.syncthreads()
+                nitems = nr * nu
+                nrounds = (nitems + nslots - 1) // nslots
+                for rnd in range(nrounds):
+                    item = rnd * nslots + slot
+                    rr = item // nu
+                    u = item - rr * nu
+                    on = item < nitems
+                    if on:
+                        on = mask[t, r0 + rr] != 0
+                    acc = ZERO
+                    if on:
+                        zrow = zs[rr * Zs:rr * Zs + H4]
+                        wrow = Us[u * Up:u * Up + H4]
+                        m = np.uint64(part)
+                        while m < H4u:
+                            acc += zrow[m] * wrow[m]
+                            m += ksu
+                    if KS > 1:
+                        red[tid] = acc
                         cuda.syncthreads()
-                        w //= 2
-                    acc = red[tid]
-                    cuda.syncthreads()
-                if on and part == 0:
-                    dh[r, j0 + u] = acc
-            # (A) of the next step reads dh of this block's units, written in (B) by
-            # other threads of the block
-            cuda.syncthreads()
+                        w = KS // 2
+                        while w > 0:
+                            if part < w:
+                                red[tid] += red[tid + w]
+                            cuda.syncthreads()
+                            w //= 2
+                        acc = red[tid]
+                        cuda.syncthreads()
+                    if on and part == 0:
+                        dh[r0 + rr, j0 + u] = acc
+                # the next chunk overwrites zs; (A) of the next step reads dh of this
+                # block's units, written above by other threads of the block
+                cuda.syncthreads()
 
     ks = TrainKernels(np_dtype, signatures(np_dtype), fwd_cell=fwd_cell,
                       bwd_cell=bwd_cell, bwd_dh=bwd_dh, col_sum=col_sum, scan_h=scan_h,
