@@ -913,9 +913,9 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
 
 def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
     """(HB, KS, RC, Up, Zs, threads, smem_bytes, nblocks) for ``bwd_persistent``, or
-    (None, reason): HB hidden units per block, KS threads per dot product, RC rows of
-    dz staged at a time, Up and Zs the padded row strides of U and dz in shared
-    memory."""
+    (None, reason): HB hidden units per block, KS threads per item (4 rows x 1 unit),
+    RC rows of dz staged at a time, Up and Zs the padded row strides of U and dz in
+    shared memory."""
     key = ("train_bwd", B, H, itemsize, THREADS_PER_BLOCK, HIDDEN_PER_BLOCK,
            PERSISTENT_BLOCKS_PER_SM, MAX_SHARED_BYTES, MAX_THREADS_PER_ITEM,
            TRAIN_STAGE_ROWS, id(kernel))
@@ -930,21 +930,24 @@ def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
     result = (None, "no hidden-unit slice fits")
     for hb in range(start, stop + 1):
         nblk = -(-H // hb)
-        # KS from the items of a whole batch; the rows staged at a time from what is
-        # left of the shared memory
-        ks = _choose_ks(tpb_max, B * hb, H4, cap=max(1, int(MAX_THREADS_PER_ITEM)))
-        tpb = min(tpb_max, max(min(32, tpb_max), _pow2ceil(B * hb * ks)))
-        up = _pad_rows(H4, ks)
-        zs = _pad_rows(H4, min(32, ks * hb))
-        fixed = itemsize * (hb * up + tpb)
-        rc = min(B, max(0, limit - fixed) // (itemsize * zs))
+        # the rows staged at a time from what the weights leave of the shared memory
+        # (with the largest reduction buffer), then KS from the items of one chunk
+        # (4 rows x 1 unit each)
+        rc = min(B, max(0, limit - itemsize * (hb * (H4 + 31) + 4 * tpb_max))
+                 // (itemsize * (H4 + 31)))
         if TRAIN_STAGE_ROWS is not None:
             rc = min(rc, max(1, int(TRAIN_STAGE_ROWS)))
         if rc < 1:
             result = (None, f"the rows of U for {hb} hidden units and one row of dz need "
-                            f"{fixed + itemsize * zs} bytes of shared memory, more than "
-                            f"the {limit} available per block")
+                            f"more than the {limit} bytes of shared memory available "
+                            f"per block")
             break
+        nitems = -(-rc // 4) * hb
+        ks = _choose_ks(tpb_max, nitems, H4, cap=max(1, int(MAX_THREADS_PER_ITEM)))
+        tpb = min(tpb_max, max(min(32, tpb_max), _pow2ceil(nitems * ks)))
+        up = _pad_rows(H4, ks)
+        zs = _pad_rows(H4, min(32, ks * hb))
+        fixed = itemsize * (hb * up + 4 * tpb)
         smem = fixed + itemsize * rc * zs
         try:
             _enable_smem(cuda, kernel, sig, smem)
@@ -1024,8 +1027,12 @@ def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
     dU = cuda.device_array((H, G4), dtype=dt)
     _matmul(cuda, _transpose_dev(cuda, saved["hprev"]), dz2, dU)
     db = cuda.device_array(G4, dtype=dt)
-    tpc, nbc = _cell_grid(G4)
-    _train_kernel(cuda, "col_sum", dt)[nbc, tpc](dz2, db)
+    cupy = _cupy()
+    if cupy is not None:
+        cupy.sum(cupy.asarray(dz2), axis=0, out=cupy.asarray(db))
+    else:
+        tpc, nbc = _cell_grid(G4)
+        _train_kernel(cuda, "col_sum", dt)[nbc, tpc](dz2, db)
     dx = None
     if need_dx:
         WTd = cuda.to_device(np.ascontiguousarray(np.asarray(saved["W"], dtype=dt).T))

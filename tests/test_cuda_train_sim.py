@@ -33,6 +33,9 @@ CASES = {
     "one_step_one_row": dict(B=1, T=1, D=2, H=3, state=True, seq=True),
     "hard_sigmoid_relu": dict(B=3, T=4, D=3, H=4, mask=True, seq=True,
                               act="relu", rec="hard_sigmoid"),
+    # nine rows: three groups of 4 rows in the backward kernel's dot products (the
+    # last one partial), several rounds of items
+    "nine_rows": dict(B=9, T=3, D=2, H=3, mask=True, state=True, seq=True),
     "softsign_linear": dict(B=2, T=5, D=2, H=3, seq=False, act="softsign",
                             rec="linear"),
 }

@@ -299,15 +299,16 @@ def train_kernels(np_dtype):
         # cell gradient of its units (dz[t, :, g*H + j]; reads dh of its own units
         # only), a grid barrier publishing dz[t], then (B) dh[r, j] = dz[t, r, :] . U[j]
         # on unmasked rows: dz[t] is staged in shared memory RC rows at a time (up to 8
-        # loads in flight per thread), and KS threads share each (row, unit) dot
-        # product, summed through shared memory.
+        # loads in flight per thread); KS threads share the dot products of each item
+        # of 4 rows x 1 unit (4 sums per thread, each U value loaded once for 4 rows),
+        # summed through shared memory.
         # dout, actc, cprev: [T, B, H]; gates, dz: [T, B, 4H]; mask: [T, B] uint8;
         # U: [H, 4H]; dh, dc, carry: [B, H], the gradients wrt the final state on entry
         # (carry: zeros) and wrt the initial state on return;
         # geo = HB | KS << 16 | RC << 32; strides = Up | Zs << 32: the padded row
         # strides of the staged U rows and dz rows;
         # flags = go_back | zofm << 1 | act << 8 | rec << 16.
-        # Dynamic shared memory: HB*Up + RC*Zs + blockDim.x values.
+        # Dynamic shared memory: HB*Up + RC*Zs + 4*blockDim.x values.
         T = gates.shape[0]
         B = gates.shape[1]
         H4 = gates.shape[2]
@@ -329,7 +330,7 @@ def train_kernels(np_dtype):
         nus = HB * Up
         Us = sm[:nus]
         zs = sm[nus:nus + RC * Zs]
-        red = sm[nus + RC * Zs:nus + RC * Zs + nthr]
+        red = sm[nus + RC * Zs:nus + RC * Zs + 4 * nthr]
         for e in range(tid, nu * H4, nthr):
             u = e // H4
             Us[u * Up + e - u * H4] = U[j0 + u, e - u * H4]
@@ -367,36 +368,65 @@ def train_kernels(np_dtype):
                             zs[rq * Zs + eq - rq * H4] = v[q]
                     e += 8 * nthr
                 cuda.syncthreads()
-                nitems = nr * nu
+                # items: 4 rows x 1 unit (rows past the chunk reuse its last row; their
+                # sums are discarded), KS threads each
+                nitems = ((nr + 3) // 4) * nu
                 nrounds = (nitems + nslots - 1) // nslots
                 for rnd in range(nrounds):
                     item = rnd * nslots + slot
-                    rr = item // nu
-                    u = item - rr * nu
-                    on = item < nitems
-                    if on:
-                        on = mask[t, r0 + rr] != 0
-                    acc = ZERO
-                    if on:
-                        zrow = zs[rr * Zs:rr * Zs + H4]
+                    grp = item // nu
+                    u = item - grp * nu
+                    a0 = ZERO
+                    a1 = ZERO
+                    a2 = ZERO
+                    a3 = ZERO
+                    if item < nitems:
                         wrow = Us[u * Up:u * Up + H4]
+                        q0 = 4 * grp
+                        q1 = min(q0 + 1, nr - 1)
+                        q2 = min(q0 + 2, nr - 1)
+                        q3 = min(q0 + 3, nr - 1)
+                        z0 = zs[q0 * Zs:q0 * Zs + H4]
+                        z1 = zs[q1 * Zs:q1 * Zs + H4]
+                        z2 = zs[q2 * Zs:q2 * Zs + H4]
+                        z3 = zs[q3 * Zs:q3 * Zs + H4]
                         m = np.uint64(part)
                         while m < H4u:
-                            acc += zrow[m] * wrow[m]
+                            w = wrow[m]
+                            a0 += z0[m] * w
+                            a1 += z1[m] * w
+                            a2 += z2[m] * w
+                            a3 += z3[m] * w
                             m += ksu
                     if KS > 1:
-                        red[tid] = acc
+                        red[tid] = a0
+                        red[nthr + tid] = a1
+                        red[2 * nthr + tid] = a2
+                        red[3 * nthr + tid] = a3
                         cuda.syncthreads()
-                        w = KS // 2
-                        while w > 0:
-                            if part < w:
-                                red[tid] += red[tid + w]
+                        w2 = KS // 2
+                        while w2 > 0:
+                            if part < w2:
+                                for q in range(4):
+                                    red[q * nthr + tid] += red[q * nthr + tid + w2]
                             cuda.syncthreads()
-                            w //= 2
-                        acc = red[tid]
+                            w2 //= 2
+                        a0 = red[tid]
+                        a1 = red[nthr + tid]
+                        a2 = red[2 * nthr + tid]
+                        a3 = red[3 * nthr + tid]
                         cuda.syncthreads()
-                    if on and part == 0:
-                        dh[r0 + rr, j0 + u] = acc
+                    if item < nitems and part == 0:
+                        j = j0 + u
+                        rb = r0 + 4 * grp
+                        if mask[t, rb] != 0:
+                            dh[rb, j] = a0
+                        if 4 * grp + 1 < nr and mask[t, rb + 1] != 0:
+                            dh[rb + 1, j] = a1
+                        if 4 * grp + 2 < nr and mask[t, rb + 2] != 0:
+                            dh[rb + 2, j] = a2
+                        if 4 * grp + 3 < nr and mask[t, rb + 3] != 0:
+                            dh[rb + 3, j] = a3
                 # the next chunk overwrites zs; (A) of the next step reads dh of this
                 # block's units, written above by other threads of the block
                 cuda.syncthreads()
