@@ -457,6 +457,14 @@ def training_check(ctx, args):
             cases += [(np.float32, 1e-4, True), (np.float64, 1e-9, False),
                       (np.float64, 1e-9, True)]
         res += _training_cases(ctx, B, T, D, H, cases)
+    nbytes = 64 << 10 if args.dry_run else 16 << 20
+    try:
+        rates = _copy_rates(ctx, nbytes)
+    except Exception as exc:
+        rates = {"error": f"{type(exc).__name__}: {exc}"}
+    print(f"host<->device copies ({nbytes >> 10} KiB): "
+          + ", ".join(f"{k}={fmt(v)}" for k, v in rates.items()))
+    res.append({"what": "copy_rates", "ok": "error" not in rates, **rates})
     return res
 
 
@@ -481,6 +489,31 @@ def _host_profile(fn, reps=5, top=14):
     for ln in lines[-top - 1:]:
         print("   ", ln[:150])
     return lines[-top - 1:]
+
+
+def _time_bwd_recurrence(ctx, _cuda, xtm, W, U, b, mtm, h0, c0, dy):
+    """ms of ``_cuda._bwd_recurrence`` (the backward recurrence on device arrays)."""
+    from numba import cuda
+    _, saved = _cuda.lstm_train_forward_cuda(xtm, W, U, b, mtm, h0, c0)
+    doutd = cuda.to_device(np.ascontiguousarray(dy.transpose(1, 0, 2)))
+    dh = cuda.to_device(np.zeros_like(h0))
+    dc = cuda.to_device(np.zeros_like(c0))
+    return 1e3 * ctx.bench(lambda: _cuda._bwd_recurrence(cuda, saved, doutd, dh, dc))
+
+
+def _copy_rates(ctx, nbytes=16 << 20):
+    """GB/s of host -> device and device -> host copies of ``nbytes`` through Numba,
+    from pageable and from pinned host memory."""
+    from numba import cuda
+    out = {}
+    a = np.ones(nbytes // 4, np.float32)
+    d = cuda.to_device(a)
+    p = cuda.pinned_array(a.shape, np.float32)
+    p[:] = a
+    for name, host in (("pageable", a), ("pinned", p)):
+        out[f"h2d_{name}_GBps"] = nbytes / ctx.bench(lambda: cuda.to_device(host)) / 1e9
+        out[f"d2h_{name}_GBps"] = nbytes / ctx.bench(lambda: d.copy_to_host(host)) / 1e9
+    return out
 
 
 def _training_cases(ctx, B, T, D, H, cases):
@@ -524,6 +557,9 @@ def _training_cases(ctx, B, T, D, H, cases):
                         r[f"t_fastseq_fwd_{mode}_ms"] = 1e3 * ctx.bench(
                             lambda: _cuda.lstm_train_forward_cuda(xtm, W, U, b, mtm, h0,
                                                                   c0))
+                        # the backward recurrence alone, device arrays in and out
+                        r[f"t_bwd_recurrence_{mode}_ms"] = _time_bwd_recurrence(
+                            ctx, _cuda, xtm, W, U, b, mtm, h0, c0, dy)
                 finally:
                     _cuda.TRAIN_MODE = "auto"
             if dt == np.float32 and not back:

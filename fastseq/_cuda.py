@@ -969,24 +969,16 @@ def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
 last_train_path = None
 
 
-def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
-    """Backpropagation through time on the GPU from ``lstm_train_forward_cuda``'s
-    saved arrays; the CUDA counterpart of ``training._LSTM.run_backward``.
-
-    dout [T, B, H]: gradient wrt the outputs at their input times; dh, dc [B, H] or None:
-    gradient wrt the final state.  Returns NumPy (dx [T, B, D] or None, dW, dU, db,
-    dh0, dc0).
-    """
+def _bwd_recurrence(cuda, saved, doutd, dhd, dcd):
+    """The backward recurrence on device arrays: returns dz [T, B, 4H] and leaves dhd,
+    dcd [B, H] holding the gradients wrt the initial state (one cooperative launch of
+    ``bwd_persistent`` when it fits, else a cell launch and a GEMM per step)."""
     global last_train_path
-    cuda = _require()
     T, B, D, H = saved["shape"]
     dt = saved["dtype"]
-    G4 = 4 * H
     gb, zofm = saved["go_backwards"], saved["zofm"]
     md, gates, actc, cprev = saved["m"], saved["gates"], saved["actc"], saved["cprev"]
-    dz = cuda.device_array((T, B, G4), dtype=dt)
-    doutd = cuda.to_device(np.ascontiguousarray(dout, dtype=dt))
-    dhd, dcd = _dev_or_zeros(cuda, dh, (B, H), dt), _dev_or_zeros(cuda, dc, (B, H), dt)
+    dz = cuda.device_array((T, B, 4 * H), dtype=dt)
     carry = _zeros(cuda, (B, H), dt)
     plan = (None, "TRAIN_MODE='stepwise'")
     if _train_mode() == "auto" and T > 0 and B * H > 0:
@@ -1021,6 +1013,24 @@ def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
             kh[nblk, tpb](dhu, dhd, md, t)
         LAUNCHES["train_bwd_cell"] += T
         last_train_path = ("stepwise", plan[1])
+    return dz
+
+
+def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
+    """Backpropagation through time on the GPU from ``lstm_train_forward_cuda``'s
+    saved arrays; the CUDA counterpart of ``training._LSTM.run_backward``.
+
+    dout [T, B, H]: gradient wrt the outputs at their input times; dh, dc [B, H] or None:
+    gradient wrt the final state.  Returns NumPy (dx [T, B, D] or None, dW, dU, db,
+    dh0, dc0).
+    """
+    cuda = _require()
+    T, B, D, H = saved["shape"]
+    dt = saved["dtype"]
+    G4 = 4 * H
+    doutd = cuda.to_device(np.ascontiguousarray(dout, dtype=dt))
+    dhd, dcd = _dev_or_zeros(cuda, dh, (B, H), dt), _dev_or_zeros(cuda, dc, (B, H), dt)
+    dz = _bwd_recurrence(cuda, saved, doutd, dhd, dcd)
     dz2 = dz.reshape(T * B, G4)
     dW = cuda.device_array((D, G4), dtype=dt)
     _matmul(cuda, _transpose_dev(cuda, saved["x"]), dz2, dW)
