@@ -10,10 +10,19 @@ products of the backward pass are single GEMMs over all steps, run by the glue
 
     dW = X^T dZ    dU = Hp^T dZ    db = column sums of dZ    dX = dZ W^T
 
-and the per-step recurrent products ``h U`` (forward) and ``dz U^T`` (backward) are GEMM
-launches between the cell launches.  One thread per (batch row, hidden unit) in the
-cell kernels, over a 1-D grid-stride loop; a thread touches only its own unit's state,
-so the cell needs no barrier (the step's GEMM, a launch before, has read all of h).
+Two ways to run the recurrences (``fastseq._cuda.TRAIN_MODE``):
+
+- "auto": the forward recurrence runs in the inference kernels (``lstm_cuda``), and
+  ``scan_h`` / ``scan_c`` rebuild what backpropagation needs from its outputs (h
+  before each step, then the gates and c from x W and hprev U, two GEMMs over all
+  steps); the backward recurrence is one cooperative launch of ``bwd_persistent``
+  (one grid barrier per step).
+- "stepwise": per step, a GEMM launch for ``h U`` (forward) or ``dz U^T`` (backward)
+  between cell launches (``fwd_cell``; ``bwd_cell`` and ``bwd_dh``).
+
+One thread per (batch row, hidden unit) in the cell and scan kernels, over a 1-D
+grid-stride loop; a thread touches only its own unit's state, so a cell needs no
+barrier (the step's GEMM, a launch before, has read all of h).
 
 Masking as in ``lstm_bwd_cpu``: a masked step keeps h and c; its output is the previous
 output of the row (zero before the first step) or zero with ``zero_output_for_mask``;
