@@ -330,6 +330,18 @@ def _coop_blocks(kernel, sig, tpb, smem):
         return int(ov.max_cooperative_grid_blocks(tpb))
 
 
+def _coop_capacity(cuda, kernel, sig, tpb, smem):
+    """(blocks of ``tpb`` threads and ``smem`` bytes of dynamic shared memory that can
+    be co-resident in a cooperative launch, None), or (None, reason) when the driver
+    refuses the shared-memory attribute or the occupancy query."""
+    try:
+        _enable_smem(cuda, kernel, sig, smem)
+        return _coop_blocks(kernel, sig, tpb, smem), None
+    except Exception as exc:
+        return None, (f"occupancy query failed for {smem} bytes of shared memory "
+                      f"({type(exc).__name__}: {exc})")
+
+
 def _choose_ks(nthr, nitems, H, cap=None):
     """Threads per item: a power of two, as many as the block has to spare, <= H (and
     <= cap)."""
@@ -383,12 +395,9 @@ def _persistent_plan(cuda, kernel, sig, B, H, itemsize, tpb_max, rbb):
                             f"staged h need {smem} bytes of shared memory, more than the "
                             f"{limit} available per block")
             break
-        try:
-            _enable_smem(cuda, kernel, sig, smem)
-            maxb = _coop_blocks(kernel, sig, tpb, smem)
-        except Exception as exc:  # driver refused the attribute / occupancy query
-            result = (None, f"occupancy query failed for {smem} bytes of shared memory "
-                            f"({type(exc).__name__}: {exc})")
+        maxb, why = _coop_capacity(cuda, kernel, sig, tpb, smem)
+        if maxb is None:
+            result = (None, why)
             break
         if nblk <= maxb:
             result = (hb, ks, hp, hs, tpb, smem, nblk)
@@ -949,12 +958,9 @@ def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
         zs = _pad_rows(H4, min(32, ks * hb))
         fixed = itemsize * (hb * up + 4 * tpb)
         smem = fixed + itemsize * rc * zs
-        try:
-            _enable_smem(cuda, kernel, sig, smem)
-            maxb = _coop_blocks(kernel, sig, tpb, smem)
-        except Exception as exc:  # driver refused the attribute / occupancy query
-            result = (None, f"occupancy query failed for {smem} bytes of shared memory "
-                            f"({type(exc).__name__}: {exc})")
+        maxb, why = _coop_capacity(cuda, kernel, sig, tpb, smem)
+        if maxb is None:
+            result = (None, why)
             break
         if nblk <= maxb:
             result = (hb, ks, rc, up, zs, tpb, smem, nblk)

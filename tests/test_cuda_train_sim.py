@@ -41,6 +41,9 @@ CASES = {
 }
 DTYPES = ("float64", "float32")
 MODES = ("stepwise", "auto", "auto_rows2")
+# every case in both dtypes and modes; the 2-row staging in float32 only
+RUNS = [(n, d, m) for n in CASES for d in DTYPES for m in MODES
+        if m != "auto_rows2" or d == "float32"]
 
 
 def inputs(name, dtype):
@@ -120,7 +123,7 @@ def _worker(out_dir):
     for k, v in SMALL.items():
         setattr(_cuda, k, v)
     arrays, meta = {}, {}
-    for name, dtype, mode in ((n, d, m) for n in CASES for d in DTYPES for m in MODES):
+    for name, dtype, mode in RUNS:
         key = f"{name}/{dtype}/{mode}"
         try:
             # "auto_rows2": the backward kernel stages dz two rows at a time
@@ -139,6 +142,13 @@ def _worker(out_dir):
             import traceback
             meta[key] = {"error": f"{type(exc).__name__}: {exc}\n"
                                   f"{traceback.format_exc()}"}
+    # an unknown TRAIN_MODE is refused with a message that names it
+    _cuda.TRAIN_MODE = "bogus"
+    try:
+        run_vjp("plain_no_bias", "float32", "cuda")
+        meta["bad_mode"] = {"raised": None}
+    except Exception as exc:
+        meta["bad_mode"] = {"raised": f"{type(exc).__name__}: {exc}"}
     _cuda.TRAIN_MODE = "auto"
     _cuda.TRAIN_STAGE_ROWS = None
     try:
@@ -183,9 +193,7 @@ def sim(run_sim_worker):
 RTOL = {"float64": 1e-9, "float32": 1e-4}
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name,dtype,mode", RUNS)
 def test_gradients_match_cpu(sim, name, dtype, mode):
     meta, arrays = sim
     key = f"{name}/{dtype}/{mode}"
@@ -243,3 +251,9 @@ def test_model_trains_on_the_gpu_like_on_the_cpu(sim):
         got = arrays[f"model/weight{i}"]
         err = float(np.abs(got - w).max()) / max(float(np.abs(w).max()), 1e-30)
         assert err <= 1e-4, f"weight {i} after 3 Adam steps: relative error {err:.3g}"
+
+
+def test_unknown_train_mode_is_refused(sim):
+    raised = sim[0]["bad_mode"]["raised"]
+    assert raised is not None and raised.startswith("ValueError")
+    assert "TRAIN_MODE" in raised and "'bogus'" in raised
