@@ -491,14 +491,20 @@ def _host_profile(fn, reps=5, top=14):
     return lines[-top - 1:]
 
 
-def _time_bwd_recurrence(ctx, _cuda, xtm, W, U, b, mtm, h0, c0, dy):
-    """ms of ``_cuda._bwd_recurrence`` (the backward recurrence on device arrays)."""
+def _time_bwd_recurrence(ctx, _cuda, xtm, W, U, b, mtm, h0, c0, dy, stage_bytes=None):
+    """ms of ``_cuda._bwd_recurrence`` (the backward recurrence on device arrays), with
+    ``_cuda.TRAIN_STAGE_BYTES = stage_bytes``."""
     from numba import cuda
     _, saved = _cuda.lstm_train_forward_cuda(xtm, W, U, b, mtm, h0, c0)
     doutd = cuda.to_device(np.ascontiguousarray(dy.transpose(1, 0, 2)))
     dh = cuda.to_device(np.zeros_like(h0))
     dc = cuda.to_device(np.zeros_like(c0))
-    return 1e3 * ctx.bench(lambda: _cuda._bwd_recurrence(cuda, saved, doutd, dh, dc))
+    old = _cuda.TRAIN_STAGE_BYTES
+    _cuda.TRAIN_STAGE_BYTES = stage_bytes
+    try:
+        return 1e3 * ctx.bench(lambda: _cuda._bwd_recurrence(cuda, saved, doutd, dh, dc))
+    finally:
+        _cuda.TRAIN_STAGE_BYTES = old
 
 
 def _copy_rates(ctx, nbytes=16 << 20):
@@ -560,6 +566,10 @@ def _training_cases(ctx, B, T, D, H, cases):
                         # the backward recurrence alone, device arrays in and out
                         r[f"t_bwd_recurrence_{mode}_ms"] = _time_bwd_recurrence(
                             ctx, _cuda, xtm, W, U, b, mtm, h0, c0, dy)
+                        if mode == "auto":   # dz read from global memory (untimed so far)
+                            r["t_bwd_recurrence_global_ms"] = _time_bwd_recurrence(
+                                ctx, _cuda, xtm, W, U, b, mtm, h0, c0, dy, stage_bytes=0)
+                            r["path_global"] = _cuda.last_train_path[1]
                 finally:
                     _cuda.TRAIN_MODE = "auto"
             if dt == np.float32 and not back:

@@ -54,8 +54,11 @@ LSTM_MODE = "auto"
 # "stepwise" (a cell launch and a GEMM per step, both ways).
 TRAIN_MODE = "auto"
 # Rows of dz the persistent backward kernel stages in shared memory at a time (None: as
-# many as fit, up to the batch).
+# many as fit, up to the batch).  It stages dz only when a step's B*4H values take at
+# most TRAIN_STAGE_BYTES (None: always); otherwise its dot products read dz from global
+# memory.  (Staging is the timed default; reading from global memory is untimed.)
 TRAIN_STAGE_ROWS = None
+TRAIN_STAGE_BYTES = None
 # Cap on dynamic shared memory per block in bytes; None = the device's opt-in maximum.
 MAX_SHARED_BYTES = None
 # Persistent kernel: at most this many threads share one item's dot products (power of
@@ -927,7 +930,7 @@ def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
     shared memory."""
     key = ("train_bwd", B, H, itemsize, THREADS_PER_BLOCK, HIDDEN_PER_BLOCK,
            PERSISTENT_BLOCKS_PER_SM, MAX_SHARED_BYTES, MAX_THREADS_PER_ITEM,
-           TRAIN_STAGE_ROWS, id(kernel))
+           TRAIN_STAGE_ROWS, TRAIN_STAGE_BYTES, id(kernel))
     hit = _PLAN_CACHE.get(key)
     if hit is not None:
         return hit
@@ -942,22 +945,29 @@ def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
         # the rows staged at a time from what the weights leave of the shared memory
         # (with the largest reduction buffer), then KS from the items of one chunk
         # (4 rows x 1 unit each)
+        staged = TRAIN_STAGE_BYTES is None or B * H4 * itemsize <= int(TRAIN_STAGE_BYTES)
         rc = min(B, max(0, limit - itemsize * (hb * (H4 + 31) + 4 * tpb_max))
                  // (itemsize * (H4 + 31)))
         if TRAIN_STAGE_ROWS is not None:
             rc = min(rc, max(1, int(TRAIN_STAGE_ROWS)))
-        if rc < 1:
+        if not staged:
+            rc = 0
+        elif rc < 1:
             result = (None, f"the rows of U for {hb} hidden units and one row of dz need "
                             f"more than the {limit} bytes of shared memory available "
                             f"per block")
             break
-        nitems = -(-rc // 4) * hb
+        nitems = -(-(rc if staged else B) // 4) * hb
         ks = _choose_ks(tpb_max, nitems, H4, cap=max(1, int(MAX_THREADS_PER_ITEM)))
         tpb = min(tpb_max, max(min(32, tpb_max), _pow2ceil(nitems * ks)))
         up = _pad_rows(H4, ks)
         zs = _pad_rows(H4, min(32, ks * hb))
         fixed = itemsize * (hb * up + 4 * tpb)
         smem = fixed + itemsize * rc * zs
+        if smem > limit:
+            result = (None, f"the rows of U for {hb} hidden units need {smem} bytes of "
+                            f"shared memory, more than the {limit} available per block")
+            break
         maxb, why = _coop_capacity(cuda, kernel, sig, tpb, smem)
         if maxb is None:
             result = (None, why)
@@ -989,9 +999,15 @@ def _bwd_recurrence(cuda, saved, doutd, dhd, dcd):
     plan = (None, "TRAIN_MODE='stepwise'")
     if _train_mode() == "auto" and T > 0 and B * H > 0:
         try:
-            kp = _train_kernel(cuda, "bwd_persistent", dt)
+            # dz staged in shared memory, or read from global memory (_train_bwd_plan's
+            # rule, from TRAIN_STAGE_BYTES)
+            name = "bwd_persistent"
+            if TRAIN_STAGE_BYTES is not None and \
+                    B * 4 * H * dt.itemsize > int(TRAIN_STAGE_BYTES):
+                name = "bwd_persistent_global"
+            kp = _train_kernel(cuda, name, dt)
             from .kernels import lstm_bwd_cuda
-            sig = lstm_bwd_cuda.signatures(dt)["bwd_persistent"]
+            sig = lstm_bwd_cuda.signatures(dt)[name]
             plan = _train_bwd_plan(cuda, kp, sig, B, H, dt.itemsize)
         except Exception as exc:   # e.g. the device runtime library cannot be linked
             plan = (None, f"the persistent kernel is unavailable "
@@ -1002,9 +1018,10 @@ def _bwd_recurrence(cuda, saved, doutd, dhd, dcd):
         kp[nblk, tpb_p, 0, smem](doutd, gates, actc, cprev, md, saved["Ud"], dz, dhd, dcd,
                                  carry, hb | ks << 16 | rc << 32, up | zs << 32, flags)
         LAUNCHES["train_bwd_persistent"] += 1
+        how = f"dz staged {rc} rows at a time" if rc else "dz read from global memory"
         last_train_path = ("persistent", f"{nblk} blocks x {tpb_p} threads, {hb} hidden "
-                                         f"units per block, KS={ks}, dz staged {rc} rows "
-                                         f"at a time, {smem} bytes shared")
+                                         f"units per block, KS={ks}, {how}, {smem} bytes "
+                                         "shared")
     else:
         UTd = cuda.to_device(np.ascontiguousarray(np.asarray(saved["U"], dtype=dt).T))
         dhu = cuda.device_array((B, H), dtype=dt)
@@ -1231,7 +1248,7 @@ def kernel_catalog():
         cat.append((f"dense_epilogue[{dt.name}]", dk.epilogue, dk.signatures["epilogue"]))
         tk = lstm_bwd_cuda.train_kernels(dt)
         for name in ("fwd_cell", "bwd_cell", "bwd_dh", "col_sum", "scan_h", "scan_c",
-                     "bwd_persistent"):
+                     "bwd_persistent", "bwd_persistent_global"):
             cat.append((f"train_{name}[{dt.name}]", getattr(tk, name),
                         tk.signatures[name]))
     return cat

@@ -609,6 +609,8 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert len(rep["training"]) == 5 and all(r["ok"] for r in rep["training"])
     assert rep["training"][-1]["what"] == "copy_rates"
     assert rep["training"][0]["t_bwd_recurrence_auto_ms"] > 0
+    assert "global memory" in rep["training"][0]["path_global"]
+    assert rep["training"][0]["t_bwd_recurrence_global_ms"] > 0
     assert rep["training"][0]["t_fastseq_vjp_auto_ms"] > 0
     assert rep["training"][0]["t_fastseq_vjp_stepwise_ms"] > 0
     assert [r["path_auto"] for r in rep["training"][:4]] == ["persistent"] * 4

@@ -40,10 +40,11 @@ CASES = {
                             rec="linear"),
 }
 DTYPES = ("float64", "float32")
-MODES = ("stepwise", "auto", "auto_rows2")
-# every case in both dtypes and modes; the 2-row staging in float32 only
+MODES = ("stepwise", "auto", "auto_rows2", "auto_global")
+# every case in both dtypes and modes; the 2-row staging and the reads of dz from
+# global memory in float32 only
 RUNS = [(n, d, m) for n in CASES for d in DTYPES for m in MODES
-        if m != "auto_rows2" or d == "float32"]
+        if m in ("stepwise", "auto") or d == "float32"]
 
 
 def inputs(name, dtype):
@@ -126,9 +127,11 @@ def _worker(out_dir):
     for name, dtype, mode in RUNS:
         key = f"{name}/{dtype}/{mode}"
         try:
-            # "auto_rows2": the backward kernel stages dz two rows at a time
+            # "auto_rows2": the backward kernel stages dz two rows at a time;
+            # "auto_global": it reads dz from global memory
             _cuda.TRAIN_MODE = mode.split("_")[0]
             _cuda.TRAIN_STAGE_ROWS = 2 if mode == "auto_rows2" else None
+            _cuda.TRAIN_STAGE_BYTES = 0 if mode == "auto_global" else None
             before = dict(_cuda.LAUNCHES)
             g = run_vjp(name, dtype, "cuda")
             for k, v in g.items():
@@ -151,6 +154,7 @@ def _worker(out_dir):
         meta["bad_mode"] = {"raised": f"{type(exc).__name__}: {exc}"}
     _cuda.TRAIN_MODE = "auto"
     _cuda.TRAIN_STAGE_ROWS = None
+    _cuda.TRAIN_STAGE_BYTES = None
     try:
         model, ids, y = tagger_case()
         model.device = "cuda"
@@ -215,7 +219,10 @@ def test_gradients_match_cpu(sim, name, dtype, mode):
         assert path == "persistent"
         B = CASES[name]["B"]
         rows = min(B, 2) if mode == "auto_rows2" else B
-        assert f"dz staged {rows} rows at a time" in detail, detail
+        if mode == "auto_global":
+            assert "dz read from global memory" in detail, detail
+        else:
+            assert f"dz staged {rows} rows at a time" in detail, detail
     want = run_vjp(name, dtype, "cpu")
     for k, w in want.items():
         if w is None:

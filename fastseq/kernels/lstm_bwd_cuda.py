@@ -96,6 +96,7 @@ def signatures(np_dtype):
         "scan_c": (a3, a3, f[::1], m2, a2, a3, a3, i, i, i),
         # dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo, strides, flags
         "bwd_persistent": (a3, a3, a3, a3, m2, a2, a3, a2, a2, a2, i, i, i),
+        "bwd_persistent_global": (a3, a3, a3, a3, m2, a2, a3, a2, a2, a2, i, i, i),
     }
 
 
@@ -300,148 +301,173 @@ def train_kernels(np_dtype):
                     actc[t, r, j] = act(a_code, cv)
             k += stride
 
-    def bwd_persistent(dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo,
-                       strides, flags):
-        # The whole backward recurrence in one cooperative launch (bwd_cell, the
-        # product dz[t] U^T and bwd_dh of every step).  Block q owns units j0..j0+nu-1
-        # (j0 = q*HB) and keeps their rows of U in shared memory.  Each step: (A) the
-        # cell gradient of its units (dz[t, :, g*H + j]; reads dh of its own units
-        # only), a grid barrier publishing dz[t], then (B) dh[r, j] = dz[t, r, :] . U[j]
-        # on unmasked rows: dz[t] is staged in shared memory RC rows at a time (up to 8
-        # loads in flight per thread); KS threads share the dot products of each item
-        # of 4 rows x 1 unit (4 sums per thread, each U value loaded once for 4 rows),
-        # summed through shared memory.
-        # dout, actc, cprev: [T, B, H]; gates, dz: [T, B, 4H]; mask: [T, B] uint8;
-        # U: [H, 4H]; dh, dc, carry: [B, H], the gradients wrt the final state on entry
-        # (carry: zeros) and wrt the initial state on return;
-        # geo = HB | KS << 16 | RC << 32; strides = Up | Zs << 32: the padded row
-        # strides of the staged U rows and dz rows;
-        # flags = go_back | zofm << 1 | act << 8 | rec << 16.
-        # Dynamic shared memory: HB*Up + RC*Zs + 4*blockDim.x values.
-        T = gates.shape[0]
-        B = gates.shape[1]
-        H4 = gates.shape[2]
-        H = H4 // 4
-        HB = geo & 0xFFFF
-        KS = (geo >> 16) & 0xFFFF
-        RC = geo >> 32
-        Up = strides & 0xFFFFFFFF
-        Zs = strides >> 32
-        go_back = flags & 1
-        zofm = (flags >> 1) & 1
-        a_code = (flags >> 8) & 0xFF
-        r_code = (flags >> 16) & 0xFF
-        j0 = cuda.blockIdx.x * HB
-        nu = min(HB, H - j0)
-        tid = cuda.threadIdx.x
-        nthr = cuda.blockDim.x
-        sm = cuda.shared.array(0, nbdt)
-        nus = HB * Up
-        Us = sm[:nus]
-        zs = sm[nus:nus + RC * Zs]
-        red = sm[nus + RC * Zs:nus + RC * Zs + 4 * nthr]
-        for e in range(tid, nu * H4, nthr):
-            u = e // H4
-            Us[u * Up + e - u * H4] = U[j0 + u, e - u * H4]
-        cuda.syncthreads()
-        part = tid % KS
-        slot = tid // KS
-        nslots = nthr // KS
-        H4u = np.uint64(H4)
-        ksu = np.uint64(KS)
-        grid = cuda.cg.this_grid()
-        for s in range(T - 1, -1, -1):
-            t = T - 1 - s if go_back != 0 else s
-            for e in range(tid, B * nu, nthr):
-                r = e // nu
-                cell_grad(r, j0 + e - r * nu, t, dout, carry, dh, dc, gates, actc, cprev,
-                          dz, mask, zofm, a_code, r_code)
-            cuda.threadfence()
-            grid.sync()
-            for r0 in range(0, B, RC):
-                nr = min(RC, B - r0)
-                # stage rows r0..r0+nr-1 of dz[t]
-                n = nr * H4
-                e = tid
-                while e < n:
-                    v = cuda.local.array(8, nbdt)
-                    for q in range(8):
-                        eq = e + q * nthr
-                        if eq < n:
-                            rq = eq // H4
-                            v[q] = dz[t, r0 + rq, eq - rq * H4]
-                    for q in range(8):
-                        eq = e + q * nthr
-                        if eq < n:
-                            rq = eq // H4
-                            zs[rq * Zs + eq - rq * H4] = v[q]
-                    e += 8 * nthr
-                cuda.syncthreads()
-                # items: 4 rows x 1 unit (rows past the chunk reuse its last row; their
-                # sums are discarded), KS threads each
-                nitems = ((nr + 3) // 4) * nu
-                nrounds = (nitems + nslots - 1) // nslots
-                for rnd in range(nrounds):
-                    item = rnd * nslots + slot
-                    grp = item // nu
-                    u = item - grp * nu
-                    a0 = ZERO
-                    a1 = ZERO
-                    a2 = ZERO
-                    a3 = ZERO
-                    if item < nitems:
-                        wrow = Us[u * Up:u * Up + H4]
-                        q0 = 4 * grp
-                        q1 = min(q0 + 1, nr - 1)
-                        q2 = min(q0 + 2, nr - 1)
-                        q3 = min(q0 + 3, nr - 1)
-                        z0 = zs[q0 * Zs:q0 * Zs + H4]
-                        z1 = zs[q1 * Zs:q1 * Zs + H4]
-                        z2 = zs[q2 * Zs:q2 * Zs + H4]
-                        z3 = zs[q3 * Zs:q3 * Zs + H4]
-                        m = np.uint64(part)
-                        while m < H4u:
-                            w = wrow[m]
-                            a0 += z0[m] * w
-                            a1 += z1[m] * w
-                            a2 += z2[m] * w
-                            a3 += z3[m] * w
-                            m += ksu
-                    if KS > 1:
-                        red[tid] = a0
-                        red[nthr + tid] = a1
-                        red[2 * nthr + tid] = a2
-                        red[3 * nthr + tid] = a3
-                        cuda.syncthreads()
-                        w2 = KS // 2
-                        while w2 > 0:
-                            if part < w2:
-                                for q in range(4):
-                                    red[q * nthr + tid] += red[q * nthr + tid + w2]
+    @cuda.jit(device=True)
+    def dot4rows(w, z0, z1, z2, z3, m, n, step):
+        # (z0 . w, z1 . w, z2 . w, z3 . w) over m, m + step, ... < n (1-D arrays)
+        a0 = ZERO
+        a1 = ZERO
+        a2 = ZERO
+        a3 = ZERO
+        while m < n:
+            wm = w[m]
+            a0 += z0[m] * wm
+            a1 += z1[m] * wm
+            a2 += z2[m] * wm
+            a3 += z3[m] * wm
+            m += step
+        return a0, a1, a2, a3
+
+    def make_bwd_persistent(STAGED):
+        # STAGED (a compile-time constant): dz[t] staged in shared memory (RC > 0) or
+        # read from global memory (RC = 0); two kernels, so each compiles alone
+        def bwd_persistent(dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo,
+                           strides, flags):
+            # The whole backward recurrence in one cooperative launch (bwd_cell, the
+            # product dz[t] U^T and bwd_dh of every step).  Block q owns units j0..j0+nu-1
+            # (j0 = q*HB) and keeps their rows of U in shared memory.  Each step: (A) the
+            # cell gradient of its units (dz[t, :, g*H + j]; reads dh of its own units
+            # only), a grid barrier publishing dz[t], then (B) dh[r, j] = dz[t, r, :] . U[j]
+            # on unmasked rows: dz[t] is staged in shared memory RC rows at a time (up to 8
+            # loads in flight per thread), or read from global memory when RC = 0 (one
+            # chunk of all B rows); KS threads share the dot products of each item
+            # of 4 rows x 1 unit (4 sums per thread, each U value loaded once for 4 rows),
+            # summed through shared memory.
+            # dout, actc, cprev: [T, B, H]; gates, dz: [T, B, 4H]; mask: [T, B] uint8;
+            # U: [H, 4H]; dh, dc, carry: [B, H], the gradients wrt the final state on entry
+            # (carry: zeros) and wrt the initial state on return;
+            # geo = HB | KS << 16 | RC << 32; strides = Up | Zs << 32: the padded row
+            # strides of the staged U rows and dz rows;
+            # flags = go_back | zofm << 1 | act << 8 | rec << 16.
+            # Dynamic shared memory: HB*Up + RC*Zs + 4*blockDim.x values.
+            T = gates.shape[0]
+            B = gates.shape[1]
+            H4 = gates.shape[2]
+            H = H4 // 4
+            HB = geo & 0xFFFF
+            KS = (geo >> 16) & 0xFFFF
+            RC = geo >> 32
+            Up = strides & 0xFFFFFFFF
+            Zs = strides >> 32
+            go_back = flags & 1
+            zofm = (flags >> 1) & 1
+            a_code = (flags >> 8) & 0xFF
+            r_code = (flags >> 16) & 0xFF
+            j0 = cuda.blockIdx.x * HB
+            nu = min(HB, H - j0)
+            tid = cuda.threadIdx.x
+            nthr = cuda.blockDim.x
+            sm = cuda.shared.array(0, nbdt)
+            nus = HB * Up
+            Us = sm[:nus]
+            zs = sm[nus:nus + RC * Zs]
+            red = sm[nus + RC * Zs:nus + RC * Zs + 4 * nthr]
+            for e in range(tid, nu * H4, nthr):
+                u = e // H4
+                Us[u * Up + e - u * H4] = U[j0 + u, e - u * H4]
+            cuda.syncthreads()
+            part = tid % KS
+            slot = tid // KS
+            nslots = nthr // KS
+            staged = STAGED
+            CH = RC if staged else B     # rows per chunk
+            H4u = np.uint64(H4)
+            ksu = np.uint64(KS)
+            grid = cuda.cg.this_grid()
+            for s in range(T - 1, -1, -1):
+                t = T - 1 - s if go_back != 0 else s
+                for e in range(tid, B * nu, nthr):
+                    r = e // nu
+                    cell_grad(r, j0 + e - r * nu, t, dout, carry, dh, dc, gates, actc, cprev,
+                              dz, mask, zofm, a_code, r_code)
+                cuda.threadfence()
+                grid.sync()
+                for r0 in range(0, B, CH):
+                    nr = min(CH, B - r0)
+                    # stage rows r0..r0+nr-1 of dz[t]
+                    n = nr * H4 if staged else 0
+                    e = tid
+                    while e < n:
+                        v = cuda.local.array(8, nbdt)
+                        for q in range(8):
+                            eq = e + q * nthr
+                            if eq < n:
+                                rq = eq // H4
+                                v[q] = dz[t, r0 + rq, eq - rq * H4]
+                        for q in range(8):
+                            eq = e + q * nthr
+                            if eq < n:
+                                rq = eq // H4
+                                zs[rq * Zs + eq - rq * H4] = v[q]
+                        e += 8 * nthr
+                    cuda.syncthreads()
+                    # items: 4 rows x 1 unit (rows past the chunk reuse its last row; their
+                    # sums are discarded), KS threads each
+                    nitems = ((nr + 3) // 4) * nu
+                    nrounds = (nitems + nslots - 1) // nslots
+                    for rnd in range(nrounds):
+                        item = rnd * nslots + slot
+                        grp = item // nu
+                        u = item - grp * nu
+                        a0 = ZERO
+                        a1 = ZERO
+                        a2 = ZERO
+                        a3 = ZERO
+                        if item < nitems:
+                            wrow = Us[u * Up:u * Up + H4]
+                            q0 = 4 * grp
+                            q1 = min(q0 + 1, nr - 1)
+                            q2 = min(q0 + 2, nr - 1)
+                            q3 = min(q0 + 3, nr - 1)
+                            if staged:
+                                a0, a1, a2, a3 = dot4rows(
+                                    wrow, zs[q0 * Zs:q0 * Zs + H4], zs[q1 * Zs:q1 * Zs + H4],
+                                    zs[q2 * Zs:q2 * Zs + H4], zs[q3 * Zs:q3 * Zs + H4],
+                                    np.uint64(part), H4u, ksu)
+                            else:
+                                a0, a1, a2, a3 = dot4rows(
+                                    wrow, dz[t, r0 + q0], dz[t, r0 + q1], dz[t, r0 + q2],
+                                    dz[t, r0 + q3], np.uint64(part), H4u, ksu)
+                        if KS > 1:
+                            red[tid] = a0
+                            red[nthr + tid] = a1
+                            red[2 * nthr + tid] = a2
+                            red[3 * nthr + tid] = a3
                             cuda.syncthreads()
-                            w2 //= 2
-                        a0 = red[tid]
-                        a1 = red[nthr + tid]
-                        a2 = red[2 * nthr + tid]
-                        a3 = red[3 * nthr + tid]
-                        cuda.syncthreads()
-                    if item < nitems and part == 0:
-                        j = j0 + u
-                        rb = r0 + 4 * grp
-                        if mask[t, rb] != 0:
-                            dh[rb, j] = a0
-                        if 4 * grp + 1 < nr and mask[t, rb + 1] != 0:
-                            dh[rb + 1, j] = a1
-                        if 4 * grp + 2 < nr and mask[t, rb + 2] != 0:
-                            dh[rb + 2, j] = a2
-                        if 4 * grp + 3 < nr and mask[t, rb + 3] != 0:
-                            dh[rb + 3, j] = a3
-                # the next chunk overwrites zs; (A) of the next step reads dh of this
-                # block's units, written above by other threads of the block
-                cuda.syncthreads()
+                            w2 = KS // 2
+                            while w2 > 0:
+                                if part < w2:
+                                    for q in range(4):
+                                        red[q * nthr + tid] += red[q * nthr + tid + w2]
+                                cuda.syncthreads()
+                                w2 //= 2
+                            a0 = red[tid]
+                            a1 = red[nthr + tid]
+                            a2 = red[2 * nthr + tid]
+                            a3 = red[3 * nthr + tid]
+                            cuda.syncthreads()
+                        if item < nitems and part == 0:
+                            j = j0 + u
+                            rb = r0 + 4 * grp
+                            if mask[t, rb] != 0:
+                                dh[rb, j] = a0
+                            if 4 * grp + 1 < nr and mask[t, rb + 1] != 0:
+                                dh[rb + 1, j] = a1
+                            if 4 * grp + 2 < nr and mask[t, rb + 2] != 0:
+                                dh[rb + 2, j] = a2
+                            if 4 * grp + 3 < nr and mask[t, rb + 3] != 0:
+                                dh[rb + 3, j] = a3
+                    # the next chunk overwrites zs; (A) of the next step reads dh of this
+                    # block's units, written above by other threads of the block
+                    cuda.syncthreads()
+
+        return bwd_persistent
+
+    bwd_persistent = make_bwd_persistent(True)
+    bwd_persistent_global = make_bwd_persistent(False)
 
     ks = TrainKernels(np_dtype, signatures(np_dtype), fwd_cell=fwd_cell,
                       bwd_cell=bwd_cell, bwd_dh=bwd_dh, col_sum=col_sum, scan_h=scan_h,
-                      scan_c=scan_c, bwd_persistent=bwd_persistent)
+                      scan_c=scan_c, bwd_persistent=bwd_persistent,
+                      bwd_persistent_global=bwd_persistent_global)
     _CACHE[key] = ks
     return ks
