@@ -917,10 +917,16 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
             kf[nblk, tpb](xw3, zu, bd, md, t, tp, s, h, c, hprev3, cprev, gates, actc,
                           out, zofm, a_code, r_code)
         LAUNCHES["train_fwd_cell"] += T
-    saved = dict(x=xd, W=W, U=U, Ud=Ud, m=md, hprev=hprev, cprev=cprev, gates=gates,
+    saved = dict(x=xd, Wd=Wd, Ud=Ud, m=md, hprev=hprev, cprev=cprev, gates=gates,
                  actc=actc, shape=(T, B, D, H), dtype=dt, go_backwards=gb, zofm=zofm,
                  act=a_code, rec=r_code)
     return out.copy_to_host(), saved
+
+
+def _stage_dz(B, H, itemsize):
+    """Whether the backward kernel stages dz[t] (B*4H values) in shared memory
+    (TRAIN_STAGE_BYTES), else it reads dz from global memory."""
+    return TRAIN_STAGE_BYTES is None or B * 4 * H * itemsize <= int(TRAIN_STAGE_BYTES)
 
 
 def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
@@ -945,7 +951,7 @@ def _train_bwd_plan(cuda, kernel, sig, B, H, itemsize):
         # the rows staged at a time from what the weights leave of the shared memory
         # (with the largest reduction buffer), then KS from the items of one chunk
         # (4 rows x 1 unit each)
-        staged = TRAIN_STAGE_BYTES is None or B * H4 * itemsize <= int(TRAIN_STAGE_BYTES)
+        staged = _stage_dz(B, H, itemsize)
         rc = min(B, max(0, limit - itemsize * (hb * (H4 + 31) + 4 * tpb_max))
                  // (itemsize * (H4 + 31)))
         if TRAIN_STAGE_ROWS is not None:
@@ -1001,10 +1007,8 @@ def _bwd_recurrence(cuda, saved, doutd, dhd, dcd):
         try:
             # dz staged in shared memory, or read from global memory (_train_bwd_plan's
             # rule, from TRAIN_STAGE_BYTES)
-            name = "bwd_persistent"
-            if TRAIN_STAGE_BYTES is not None and \
-                    B * 4 * H * dt.itemsize > int(TRAIN_STAGE_BYTES):
-                name = "bwd_persistent_global"
+            name = "bwd_persistent" if _stage_dz(B, H, dt.itemsize) \
+                else "bwd_persistent_global"
             kp = _train_kernel(cuda, name, dt)
             from .kernels import lstm_bwd_cuda
             sig = lstm_bwd_cuda.signatures(dt)[name]
@@ -1023,7 +1027,7 @@ def _bwd_recurrence(cuda, saved, doutd, dhd, dcd):
                                          f"units per block, KS={ks}, {how}, {smem} bytes "
                                          "shared")
     else:
-        UTd = cuda.to_device(np.ascontiguousarray(np.asarray(saved["U"], dtype=dt).T))
+        UTd = _transpose_dev(cuda, saved["Ud"])
         dhu = cuda.device_array((B, H), dtype=dt)
         tpb, nblk = _cell_grid(B * H)
         kb = _train_kernel(cuda, "bwd_cell", dt)
@@ -1068,7 +1072,7 @@ def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
         _train_kernel(cuda, "col_sum", dt)[nbc, tpc](dz2, db)
     dx = None
     if need_dx:
-        WTd = cuda.to_device(np.ascontiguousarray(np.asarray(saved["W"], dtype=dt).T))
+        WTd = _transpose_dev(cuda, saved["Wd"])
         dxd = cuda.device_array((T * B, D), dtype=dt)
         _matmul(cuda, dz2, WTd, dxd)
         dx = dxd.copy_to_host().reshape(T, B, D)
