@@ -120,7 +120,8 @@ class _LSTM:
         actc = np.empty((T, B, H), dt)
         out = np.empty((T, B, H), dt)
         zu = np.empty((B, 4 * H), dt)
-        _lk.lstm_train_forward(xw, idx, np.ascontiguousarray(self.U.T), self.b, m8, nact,
+        UT = np.empty((4 * H, H), dt)
+        _lk.lstm_train_forward(xw, idx, self.U, UT, self.b, m8, nact,
                                int(self.rec.go_backwards), h, c, hprev, cprev, gates,
                                actc, out, zu,
                                int(self.rec.zero_output_for_mask), self.act, self.rec_act)
