@@ -120,11 +120,10 @@ class _LSTM:
         actc = np.empty((T, B, H), dt)
         out = np.empty((T, B, H), dt)
         zu = np.empty((B, 4 * H), dt)
-        UT = np.empty((4 * H, H), dt)
-        _lk.lstm_train_forward(xw, idx, self.U, UT, self.b, m8, nact,
-                               int(self.rec.go_backwards), h, c, hprev, cprev, gates,
-                               actc, out, zu,
-                               int(self.rec.zero_output_for_mask), self.act, self.rec_act)
+        _lk.lstm_train_forward(xw, idx, np.ascontiguousarray(self.U, dtype=dt), self.b,
+                               m8, nact, int(self.rec.go_backwards), h, c, hprev, cprev,
+                               gates, actc, out, zu, int(self.rec.zero_output_for_mask),
+                               self.act, self.rec_act)
         saved = (x, m8, nact, hprev, cprev, gates, actc)
         return out, h, c, saved
 

@@ -1,0 +1,219 @@
+"""Register-tiled matrix-product microkernels for the CPU kernels (Numba intrinsics that
+emit LLVM vector code).
+
+Numba has no vector types, so a loop written in Numba keeps its running sums in memory:
+the recurrent products of the LSTM kernels used to load and store their output rows
+for every four terms (``z += h U`` in rows of U), or to reduce sixteen vector sums to
+scalars for every output tile (dot products with rows of U^T).  Here ``tile_RxC``
+emits the classic GEMM microkernel directly in LLVM IR::
+
+    C[r0:r0+R, j0:j0+C*V] += A[r0:r0+R, :K] @ B[:K, j0:j0+C*V]
+
+with the R x C accumulators held in vector registers across the whole k loop: per k,
+C vector loads of a row of B, R broadcasts of A[r, k], R * C fused multiply-adds, and
+no stores until the loop ends.  V is the number of floats in one vector register
+(16 float32 with AVX-512, 8 with AVX2).  LLVM picks the instructions for the host CPU,
+so the code is portable; only the speed depends on the register width.
+
+Measured on one Zen 4 core (scratch A/B in one process, z[16, 1024] += h[16, 256]
+U[256, 1024], the C2 per-thread recurrent product): 106 GFLOP/s with 4 x 4 tiles,
+against 73 GFLOP/s for the loops they replace and 46 for NumPy's matmul at that size.
+
+Arrays must be C-contiguous (the typing refuses any other layout): rows are read with
+the row stride and elements with unit stride.  The tiles do not check bounds; the
+drivers below only call them inside the arrays.
+"""
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..config import NJIT_INLINE_OPTS
+
+
+def _vector_bytes():
+    """Bytes of one vector register of this CPU: 64 with AVX-512, else 32."""
+    try:
+        feats = llvm.get_host_cpu_features()
+        return 64 if feats.get("avx512f", False) else 32
+    except Exception:  # pragma: no cover - the features query is best effort
+        return 32
+
+
+VECTOR_BYTES = _vector_bytes()
+
+
+def _make_tile(NR, NC):
+    """The intrinsic for an NR-row by NC-vector tile (see the module docstring)."""
+
+    @intrinsic
+    def tile(typingctx, A, ar, B, bj, C, cr, cj, K):
+        arrays = (A, B, C)
+        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+                   for a in arrays):
+            raise TypeError("tile_cpu: A, B and C must be 2-D C-contiguous arrays")
+        if not (A.dtype == B.dtype == C.dtype and A.dtype in (types.float32,
+                                                               types.float64)):
+            raise TypeError("tile_cpu: A, B and C must all be float32 or all float64")
+        sig = types.void(A, types.intp, B, types.intp, C, types.intp, types.intp,
+                         types.intp)
+
+        def codegen(context, builder, signature, args):
+            a_v, ar_v, b_v, bj_v, c_v, cr_v, cj_v, k_v = args
+            fty = context.get_value_type(signature.args[0].dtype)
+            isz = context.get_abi_sizeof(fty)
+            V = VECTOR_BYTES // isz
+            vty = ir.VectorType(fty, V)
+            vptr = vty.as_pointer()
+            i64 = ir.IntType(64)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                "llvm.fma.v%df%d" % (V, 8 * isz))
+            a = context.make_array(signature.args[0])(context, builder, a_v)
+            b = context.make_array(signature.args[2])(context, builder, b_v)
+            c = context.make_array(signature.args[4])(context, builder, c_v)
+            shift = ir.Constant(i64, isz.bit_length() - 1)   # bytes -> elements
+
+            def row_stride(arr):
+                return builder.ashr(cgutils.unpack_tuple(builder, arr.strides)[0], shift)
+
+            def const(x):
+                return ir.Constant(i64, x)
+
+            lda, ldb, ldc = row_stride(a), row_stride(b), row_stride(c)
+            pa = [builder.gep(a.data, [builder.mul(builder.add(ar_v, const(r)), lda)])
+                  for r in range(NR)]
+            pb = builder.gep(b.data, [bj_v])
+            pc = [builder.gep(c.data, [builder.add(
+                builder.mul(builder.add(cr_v, const(r)), ldc), cj_v)]) for r in range(NR)]
+
+            def vptr_at(p, off):
+                return builder.bitcast(builder.gep(p, [const(off)]), vptr)
+
+            acc0 = [[builder.load(vptr_at(pc[r], q * V), align=isz) for q in range(NC)]
+                    for r in range(NR)]
+            entry = builder.basic_block
+            loop = builder.append_basic_block("tile.loop")
+            done = builder.append_basic_block("tile.done")
+            builder.cbranch(builder.icmp_signed(">", k_v, const(0)), loop, done)
+
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(const(0), entry)
+            acc = [[builder.phi(vty) for _ in range(NC)] for _ in range(NR)]
+            for r in range(NR):
+                for q in range(NC):
+                    acc[r][q].add_incoming(acc0[r][q], entry)
+            brow = builder.gep(pb, [builder.mul(k, ldb)])
+            bv = [builder.load(vptr_at(brow, q * V), align=isz) for q in range(NC)]
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), V), [0] * V)
+            undef = ir.Constant(vty, ir.Undefined)
+            new = []
+            for r in range(NR):
+                s = builder.load(builder.gep(pa[r], [k]))
+                sv = builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0))
+                sv = builder.shuffle_vector(sv, undef, splat)
+                new.append([builder.call(fma, [sv, bv[q], acc[r][q]]) for q in range(NC)])
+            k1 = builder.add(k, const(1))
+            k.add_incoming(k1, loop)
+            for r in range(NR):
+                for q in range(NC):
+                    acc[r][q].add_incoming(new[r][q], loop)
+            builder.cbranch(builder.icmp_signed("<", k1, k_v), loop, done)
+
+            builder.position_at_end(done)
+            final = []
+            for r in range(NR):          # every phi first, then the stores
+                for q in range(NC):
+                    ph = builder.phi(vty)
+                    ph.add_incoming(acc0[r][q], entry)
+                    ph.add_incoming(new[r][q], loop)
+                    final.append((ph, r, q))
+            for ph, r, q in final:
+                builder.store(ph, vptr_at(pc[r], q * V), align=isz)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+tile_4x4 = _make_tile(4, 4)
+tile_4x1 = _make_tile(4, 1)
+tile_1x4 = _make_tile(1, 4)
+tile_1x1 = _make_tile(1, 1)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def vector_width(A):
+    """Elements of A's dtype in one vector register (V in the module docstring)."""
+    return VECTOR_BYTES // A.itemsize
+
+
+@njit(**NJIT_INLINE_OPTS)
+def tile_rows4(A, r, B, C, j_lo, j_hi):
+    """C[r:r+4, j_lo:j_hi] += A[r:r+4] @ B[:, j_lo:j_hi] with tiles (j_hi - j_lo a
+    multiple of the vector width V): 4 x 4 tiles, then 4 x 1.
+
+    A: [M, K];  B: [K, N];  C: [M, N]  (all C-contiguous, same float dtype)
+    """
+    K = A.shape[1]
+    V = vector_width(A)
+    j = j_lo
+    while j + 4 * V <= j_hi:
+        tile_4x4(A, r, B, j, C, r, j, K)
+        j += 4 * V
+    while j < j_hi:
+        tile_4x1(A, r, B, j, C, r, j, K)
+        j += V
+
+
+@njit(**NJIT_INLINE_OPTS)
+def tile_row1(A, r, B, C, j_lo, j_hi):
+    """As tile_rows4 for the single row r."""
+    K = A.shape[1]
+    V = vector_width(A)
+    j = j_lo
+    while j + 4 * V <= j_hi:
+        tile_1x4(A, r, B, j, C, r, j, K)
+        j += 4 * V
+    while j < j_hi:
+        tile_1x1(A, r, B, j, C, r, j, K)
+        j += V
+
+
+@njit(**NJIT_INLINE_OPTS)
+def scalar_cols(A, r, B, C, j_lo, j_hi):
+    """C[r, j_lo:j_hi] += A[r] @ B[:, j_lo:j_hi] in plain loops (the columns past the
+    last whole vector)."""
+    K = A.shape[1]
+    for j in range(j_lo, j_hi):
+        s = C[r, j]
+        for k in range(K):
+            s += A[r, k] * B[k, j]
+        C[r, j] = s
+
+
+@njit(**NJIT_INLINE_OPTS)
+def gemm_rows_acc(A, n, B, C):
+    """C[:n] += A[:n] @ B.
+
+    A: [M, K];  B: [K, N];  C: [M, N]  (C-contiguous, same float dtype; n <= M)
+    Column blocks of 4 V outer, row groups of 4 inner: a block of B (K x 4V) is read
+    from cache by every row group in turn.
+    """
+    N = B.shape[1]
+    V = vector_width(A)
+    NV = N - N % V
+    R4 = n - n % 4
+    W = 4 * V
+    for j0 in range(0, NV, W):
+        j1 = min(j0 + W, NV)
+        for r in range(0, R4, 4):
+            tile_rows4(A, r, B, C, j0, j1)
+        for r in range(R4, n):
+            tile_row1(A, r, B, C, j0, j1)
+    if NV < N:
+        for r in range(n):
+            scalar_cols(A, r, B, C, NV, N)
