@@ -45,7 +45,12 @@ VECTOR_BYTES = _vector_bytes()
 
 
 def _make_tile(NR, NC):
-    """The intrinsic for an NR-row by NC-vector tile (see the module docstring)."""
+    """The intrinsic ``tile(A, ar, B, bj, C, cr, cj, K)`` for an NR-row by NC-vector
+    tile: C[cr:cr+NR, cj:cj+NC*V] += A[ar:ar+NR, :K] @ B[:K, bj:bj+NC*V].
+
+    A: [M, >=K];  B: [>=K, N];  C: [M', N']  (2-D, C-contiguous, one float dtype)
+    ar, bj, cr, cj, K: integers (intp); nothing is bounds-checked
+    """
 
     @intrinsic
     def tile(typingctx, A, ar, B, bj, C, cr, cj, K):
@@ -66,7 +71,7 @@ def _make_tile(NR, NC):
             V = VECTOR_BYTES // isz
             vty = ir.VectorType(fty, V)
             vptr = vty.as_pointer()
-            i64 = ir.IntType(64)
+            i64 = context.get_value_type(types.intp)
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vty, [vty, vty, vty]),
                 "llvm.fma.v%df%d" % (V, 8 * isz))
