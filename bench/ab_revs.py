@@ -9,8 +9,9 @@ noise falls on both alike.  The old revision's ``fastseq/`` is exported with
 ``train``: the tagger of bench/bench_train.py (Embedding -> Bidirectional(LSTM(128)) ->
 Dense(17, softmax), Adam, batch 32) built twice from the same initial weights; each
 round runs every batch once on both, in alternating order.  C1-C4: the benchmark
-workloads of ``fastseq bench``, each round one call of each after a 50 ms pause (both
-packages' worker threads are told to stop spinning before it).
+workloads of ``fastseq bench``, each round one sample of each after a 50 ms pause (both
+packages' worker threads are told to stop spinning before it): the mean of ``--calls``
+back-to-back calls (1 by default; ``fastseq bench`` averages calls over ~20 ms).
 
 Prints the medians of both and the median of the per-pair ratios new / old (below 1:
 the working tree is faster), and the largest difference between their results.
@@ -80,7 +81,7 @@ def ab_train(old, new, rounds, n_batches):
     return np.array(t_old), np.array(t_new), f"largest loss difference {diff:.2e}"
 
 
-def ab_infer(old, new, config, rounds):
+def ab_infer(old, new, config, rounds, calls):
     from fastseq import benchmark
     wl = benchmark.make_workload(config)
     models = {pkg: pkg.from_keras(wl.keras_model) for pkg in (old, new)}
@@ -105,8 +106,9 @@ def ab_infer(old, new, config, rounds):
             rest_workers(old, new)
             time.sleep(0.05)
             t0 = time.perf_counter()
-            runs[pkg]()
-            res[pkg] = time.perf_counter() - t0
+            for _ in range(calls):
+                runs[pkg]()
+            res[pkg] = (time.perf_counter() - t0) / calls
         t_old.append(res[old])
         t_new.append(res[new])
     diff = float(np.max(np.abs(outs[old].astype(np.float64) - outs[new])))
@@ -121,6 +123,8 @@ def main():
                     help="train: passes over the batches (default 3); C1-C4: calls of "
                          "each (default 15)")
     ap.add_argument("--batches", type=int, default=100, help="train: batches per pass")
+    ap.add_argument("--calls", type=int, default=1,
+                    help="C1-C4: back-to-back calls per timed sample (their mean)")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", args.old],
@@ -136,7 +140,8 @@ def main():
             t_old, t_new, extra = ab_train(old, new, args.rounds or 3, args.batches)
             unit = "ms per step"
         else:
-            t_old, t_new, extra = ab_infer(old, new, args.what, args.rounds or 15)
+            t_old, t_new, extra = ab_infer(old, new, args.what, args.rounds or 15,
+                                           args.calls)
             unit = "ms per call"
     ratio = np.median(t_new / t_old)
     print(f"{args.what}: old {rev} median {np.median(t_old) * 1e3:.3f} {unit}, working "
