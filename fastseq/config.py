@@ -45,10 +45,12 @@ CHUNK_MIN_ROWS = 512
 # Multiply-adds of one step's recurrent product h U for a thread's block of rows
 # (rows * H * 4H) from which that product runs as a BLAS GEMM called from Python each
 # step; below it the fused Numba kernel computes it and loops over the steps itself (no
-# Python between steps).  With U cut into column blocks the fused kernel ran at
-# 79-89 GFLOP/s against OpenBLAS's 63-87 for 16-64 rows and H = 128-512
-# (bench/gemm_rates.py), so BLAS is kept only for very large blocks.
-GEMM_MIN_STEP_MACS = 100_000_000
+# Python between steps).  With the register tiles of kernels/tile_cpu.py the fused
+# kernel ran at 85-99 GFLOP/s against 80-92 for OpenBLAS + the pointwise kernel at every
+# block measured, 64 x 512 up to 512 x 1024 (2.1G multiply-adds a step; one thread,
+# scratch A/B), so BLAS is kept only for blocks beyond those.  (Before the tiles the
+# limit was 100M: C3 on one thread, 128 rows x H = 512, took the BLAS path.)
+GEMM_MIN_STEP_MACS = 4_000_000_000
 # Columns of U per block in the fused kernel: a 4-row z tile plus four rows of a block
 # (32 * 256 bytes in float32) stay in L1.  bench/gemm_rates.py: 16 x 256 rows x H went
 # from 50 to 74 GFLOP/s with blocks of 256.
