@@ -287,11 +287,11 @@ def _run_table_jobs(jobs, dt):
 
 def block_columns(U):
     """U [H, 4H] as [nb, H, JB]: blocks of JB = config.FUSED_BLOCK_COLUMNS columns, each
-    contiguous, for the fused kernel (one block, a view, when 4H <= JB or JB does not
-    divide 4H)."""
+    contiguous, for the fused kernel (one block, a view, when 4H <= JB, when 4H <=
+    config.FUSED_ONE_BLOCK_COLUMNS, or when JB does not divide 4H)."""
     H, G = U.shape
     JB = int(config.FUSED_BLOCK_COLUMNS)
-    if G <= JB or G % JB:
+    if G <= max(JB, int(config.FUSED_ONE_BLOCK_COLUMNS)) or G % JB:
         return U.reshape(1, H, G)
     return np.ascontiguousarray(U.reshape(H, G // JB, JB).transpose(1, 0, 2))
 

@@ -51,10 +51,16 @@ CHUNK_MIN_ROWS = 512
 # scratch A/B), so BLAS is kept only for blocks beyond those.  (Before the tiles the
 # limit was 100M: C3 on one thread, 128 rows x H = 512, took the BLAS path.)
 GEMM_MIN_STEP_MACS = 4_000_000_000
-# Columns of U per block in the fused kernel: a 4-row z tile plus four rows of a block
-# (32 * 256 bytes in float32) stay in L1.  bench/gemm_rates.py: 16 x 256 rows x H went
-# from 50 to 74 GFLOP/s with blocks of 256.
+# Columns of U per block in the fused kernel, when 4H > FUSED_ONE_BLOCK_COLUMNS.  With
+# the register tiles (scratch A/B of the kernel, one thread): at H = 512, 64 rows, blocks
+# of 256 columns took 70 ms where one block took 73-81 and blocks of 512-1024 took 70-75
+# (rows of 8 KB map to few cache sets).  Before the tiles, blocks had lifted 16 x 256
+# from 50 to 74 GFLOP/s (bench/gemm_rates.py).
 FUSED_BLOCK_COLUMNS = 256
+# Up to this many columns (4H) U stays one block: the gates then read each row's
+# pre-activations in place instead of gathering them from the blocks, 2-5% faster at
+# H = 128-256 (16-32 rows).
+FUSED_ONE_BLOCK_COLUMNS = 1024
 # Work (multiply-adds) below which a call runs on one thread: handing rows to the pool
 # and back costs tens of microseconds, more than small problems take.
 MIN_MACS_PER_THREAD = 2_000_000

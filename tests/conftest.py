@@ -121,4 +121,5 @@ def cpu_path(request, monkeypatch):
         monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
         monkeypatch.setattr(config, "CHUNK_MIN_ROWS", 1)
         monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", 4)
+        monkeypatch.setattr(config, "FUSED_ONE_BLOCK_COLUMNS", 0)
     return request.param

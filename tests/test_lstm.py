@@ -10,7 +10,8 @@ forces each of them through ``fastseq.config`` (read at call time):
                      (h @ U) + pointwise kernel path.
 * ``fused-chunks`` - fused path with CHUNK_BYTES = 1: one time step per chunk, so the
                      state/mask/"seen" bookkeeping is carried across many chunks, and
-                     FUSED_BLOCK_COLUMNS = 4: U cut into H column blocks.
+                     FUSED_BLOCK_COLUMNS = 4 (FUSED_ONE_BLOCK_COLUMNS = 0): U cut
+                     into H column blocks, narrower than a vector.
 * ``gemm-chunks``  - GEMM path with CHUNK_BYTES = 1.
 * ``split``        - batches of up to 64 rows run on two threads, each owning half of
                      the hidden units, with a barrier per step (go_backwards calls
@@ -89,6 +90,25 @@ def test_shapes(rng, assert_close, cpu_path, B, T, D, H, dtype):
     x, W, U, b = _data(rng, B, T, D, H, dtype)
     _run(x, W, U, b, assert_close, dtype, return_sequences=True, return_state=True)
     _run(x, W, U, b, assert_close, dtype)
+
+
+@pytest.mark.parametrize("block", [32, 48, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_column_blocks(rng, assert_close, monkeypatch, block, dtype):
+    """The fused kernel on U cut into several blocks, each one or more whole vectors
+    wide (the register tiles: 4 x 4 vectors, 4 x 1, one row; with block 48 and float32
+    a block is 3 vectors, so no 4 x 4 tile fits), with masked rows: the paths that the
+    default blocking (one block up to 4H = 1024) uses only for H > 256."""
+    monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", block)
+    monkeypatch.setattr(config, "FUSED_ONE_BLOCK_COLUMNS", 0)
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1 << 62)   # one thread, one block
+    B, T, D, H = 6, 7, 5, 48
+    x, W, U, b = _data(rng, B, T, D, H, dtype, scale=0.3)
+    mask = np.ones((B, T), dtype=bool)
+    mask[4:, 3:] = False          # two rows padded: a masked group and single rows
+    mask[0, :2] = False
+    _run(x, W, U, b, assert_close, dtype, mask=mask, return_sequences=True,
+         return_state=True)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -127,12 +127,15 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out
         for r in range(Bp):
             on = mask[r, s] != 0
             if on:
-                for blk in range(nb):
-                    zr = z3[blk, r]
-                    j0 = blk * JB
-                    for j in range(JB):
-                        zrow[j0 + j] = zr[j]
-                _cell_row(zrow, h[r], c[r], H, act, rec)
+                if nb == 1:
+                    _cell_row(z3[0, r], h[r], c[r], H, act, rec)
+                else:
+                    for blk in range(nb):
+                        zr = z3[blk, r]
+                        j0 = blk * JB
+                        for j in range(JB):
+                            zrow[j0 + j] = zr[j]
+                    _cell_row(zrow, h[r], c[r], H, act, rec)
                 seen[r] = 1
             _emit(out, r, s, h[r], H, write_out, on, seen[r] != 0, zero_output)
 
