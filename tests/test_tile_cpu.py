@@ -46,3 +46,34 @@ def test_tiles_refuse_non_contiguous_arrays():
     A = np.ones((8, 8), np.float32)
     with pytest.raises(Exception, match="C-contiguous"):
         _gemm(A[:, ::2], 4, A, A.copy())
+
+
+def test_narrow_vectors_in_a_portable_build(tmp_path):
+    """With NUMBA_CPU_NAME=generic (no AVX) the tiles use 16-byte vectors: other tile
+    widths and leftovers, still exact to the float64 product (in a subprocess, with
+    its own compile cache)."""
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import numpy as np\n"
+        "from numba import njit\n"
+        "from fastseq.kernels import tile_cpu\n"
+        "assert tile_cpu.VECTOR_BYTES == 16, tile_cpu.VECTOR_BYTES\n"
+        "g = njit(lambda A, n, B, C: tile_cpu.gemm_rows_acc(A, n, B, C))\n"
+        "rng = np.random.default_rng(0)\n"
+        "for dt in (np.float32, np.float64):\n"
+        "    for M, K, N in ((7, 13, 70), (16, 64, 128), (3, 5, 3)):\n"
+        "        A = rng.standard_normal((M, K)).astype(dt)\n"
+        "        B = rng.standard_normal((K, N)).astype(dt)\n"
+        "        C = rng.standard_normal((M, N)).astype(dt)\n"
+        "        want = C.astype(np.float64) + A.astype(np.float64) @ B\n"
+        "        g(A, M, B, C)\n"
+        "        err = np.abs(C - want).max() / max(1.0, np.abs(want).max())\n"
+        "        assert err < (1e-5 if dt == np.float32 else 1e-12), (dt, M, K, N, err)\n"
+        "print('ok')\n")
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_FEATURES", None)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

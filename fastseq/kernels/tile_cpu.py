@@ -24,6 +24,7 @@ the row stride and elements with unit stride.  The tiles do not check bounds; th
 drivers below only call them inside the arrays.
 """
 import llvmlite.binding as llvm
+import numba
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -33,8 +34,15 @@ from ..config import NJIT_INLINE_OPTS
 
 
 def _vector_bytes():
-    """Bytes of one vector register of this CPU: 64 with AVX-512, else 32."""
+    """Bytes of one vector register of the CPU Numba compiles for: 64 with AVX-512,
+    else 32.  With NUMBA_CPU_NAME set (a portable cache, e.g. "generic"), the features
+    Numba is told to use (NUMBA_CPU_FEATURES) decide, and 16 without AVX."""
     try:
+        if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+            feats = (numba.config.CPU_FEATURES or "").split(",")
+            if "+avx512f" in feats:
+                return 64
+            return 32 if "+avx" in feats or "+avx2" in feats else 16
         feats = llvm.get_host_cpu_features()
         return 64 if feats.get("avx512f", False) else 32
     except Exception:  # pragma: no cover - the features query is best effort
