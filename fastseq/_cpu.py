@@ -78,10 +78,14 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
         return _finish(out, h, c, seen, m8, T, return_sequences, zero_output_for_mask)
     blocks = split(B, macs_per_row=T * (D * G + H * G + H * K))
     Ub = block_columns(U)
+    # the fused kernel's own projection reads x in place, in input time order
+    xin = None if table is not None else (
+        np.ascontiguousarray(x.reshape(B, T * D), dtype=dt), block_columns(W),
+        bool(go_backwards))
 
     def run(lo, hi):
         _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output_for_mask,
-                   act, rec, ep, table)
+                   act, rec, ep, table, xin)
 
     run_blocks(run, blocks)
     return _finish(out, h, c, seen, m8, T, return_sequences, zero_output_for_mask)
@@ -297,8 +301,12 @@ def block_columns(U):
 
 
 def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec,
-               ep, table=None):
-    """All time steps for rows lo:hi (runs on one thread)."""
+               ep, table=None, xin=None):
+    """All time steps for rows lo:hi (runs on one thread).
+
+    xin: None, or (x2 [B, T * D] the input in input time order, Wb = block_columns(W),
+    reverse): then the fused path computes each step's projection in the kernel
+    (lstm_cpu.lstm_chunk_xfused) instead of one GEMM per chunk."""
     T = xs.shape[1]
     D = 0 if table is not None else xs.shape[2]
     H = U.shape[0]
@@ -308,14 +316,18 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
     hb, cb, sb = h[lo:hi], c[lo:hi], seen[lo:hi]
     Tc = chunk_steps(rows, G, dt.itemsize, T)
     use_gemm = rows * H * G >= config.GEMM_MIN_STEP_MACS
+    in_kernel = xin is not None and table is None and not use_gemm
     write = out is not None
     zu = np.empty((rows, G), dt)
     z3 = zu.reshape(Ub.shape[0], rows, Ub.shape[2])   # the fused kernel's blocked view
     zrow = np.empty(G, dt)
     # flat buffers sized for a full chunk; a shorter last chunk uses their heads, which
     # are contiguous too (nothing is reallocated)
-    xin_buf = np.empty(rows * Tc * D, dt)     # contiguous copy of the chunk's inputs
-    xw_buf = np.empty(rows * Tc * G, dt)      # its projection x W
+    if in_kernel:
+        xin_buf = xw_buf = None
+    else:
+        xin_buf = np.empty(rows * Tc * D, dt)     # contiguous copy of the chunk's inputs
+        xw_buf = np.empty(rows * Tc * G, dt)      # its projection x W
     if ep is not None:
         K = ep[0].shape[1]
         hseq_buf = np.empty(rows * Tc * H, dt)  # chunk outputs fed to the epilogue
@@ -331,16 +343,19 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
         return own[n]
     for s0 in range(0, T, Tc):
         n = min(Tc, T - s0)
-        xin = xin_buf[:rows * n * D].reshape(rows, n, D)
-        xw = xw_buf[:rows * n * G].reshape(rows, n, G)
         if ep is not None:
             hseq = hseq_buf[:rows * n * H].reshape(rows, n, H)
             ybuf = y_buf[:rows * n * K].reshape(rows * n, K)
-        if table is None:
-            xin[...] = xs[lo:hi, s0:s0 + n]
-            np.matmul(xin.reshape(rows * n, D), W, out=xw.reshape(rows * n, G))
+        if in_kernel:
+            pass        # the kernel projects each step itself
+        elif table is None:
+            xc = xin_buf[:rows * n * D].reshape(rows, n, D)
+            xw = xw_buf[:rows * n * G].reshape(rows, n, G)
+            xc[...] = xs[lo:hi, s0:s0 + n]
+            np.matmul(xc.reshape(rows * n, D), W, out=xw.reshape(rows * n, G))
             src, idx = xw.reshape(rows * n, G), own_rows(n)
         elif use_gemm:
+            xw = xw_buf[:rows * n * G].reshape(rows, n, G)
             np.take(table, xs[lo:hi, s0:s0 + n], axis=0, out=xw)
         else:
             # the fused kernel reads the table rows in place
@@ -359,6 +374,11 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
                 np.matmul(hb, U, out=zu)
                 lstm_cpu.lstm_step_pointwise(zu, xw, s, b, hb, cb, sb, mc, oc, write,
                                              zero_output, act, rec)
+        elif in_kernel:
+            x2, Wb, reverse = xin
+            lstm_cpu.lstm_chunk_xfused(x2[lo:hi], D, s0, T, reverse, Wb, Ub, b, hb, cb,
+                                       sb, mc, z3, zrow, oc, write, zero_output, act,
+                                       rec)
         else:
             lstm_cpu.lstm_chunk_fused(src, idx, Ub, b, hb, cb, sb, mc, z3, zrow, oc,
                                       write, zero_output, act, rec)

@@ -57,6 +57,59 @@ def _emit(out, b, s, hrow, H, write, on, seen_b, zero_output):
                 out[b, s, j] = 0.0
 
 
+@njit(**NJIT_INLINE_OPTS)
+def _product_masked(A, ak, K, Bk, zb, mask, s):
+    """zb[r] += A[r, ak:ak+K] @ Bk for the rows r unmasked at chunk step s, in the
+    register tiles of ``tile_cpu``: column ranges of 4 vectors outer, row groups
+    inner, so a range's rows of Bk are read from cache by every group in turn; a group
+    of four rows all masked at the step (padding) is skipped.
+
+    A: [Bp, >=ak+K];  Bk: [K, JB];  zb: [Bp, JB];  mask: [Bp, Tc]
+    """
+    Bp = zb.shape[0]
+    JB = zb.shape[1]
+    R4 = Bp - Bp % 4
+    V = vector_width(zb)
+    W = 4 * V
+    JV = JB - JB % V
+    for q0 in range(0, JV, W):
+        q1 = min(q0 + W, JV)
+        for r in range(0, R4, 4):
+            if (mask[r, s] == 0 and mask[r + 1, s] == 0 and mask[r + 2, s] == 0
+                    and mask[r + 3, s] == 0):
+                continue    # padding: all four rows masked at this step
+            tile_rows4(A, r, ak, K, Bk, zb, q0, q1)
+        for r in range(R4, Bp):
+            if mask[r, s] != 0:
+                tile_row1(A, r, ak, K, Bk, zb, q0, q1)
+    if JV < JB:
+        for r in range(Bp):
+            if mask[r, s] != 0:
+                scalar_cols(A, r, ak, K, Bk, zb, JV, JB)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _gates_step(z3, zrow, h, c, seen, mask, s, out, write_out, zero_output, act, rec):
+    """Gates, state update and outputs of every row at chunk step s, from the blocked
+    pre-activations z3 [nb, Bp, JB] (read in place when there is one block)."""
+    nb, Bp, JB = z3.shape
+    H = h.shape[1]
+    for r in range(Bp):
+        on = mask[r, s] != 0
+        if on:
+            if nb == 1:
+                _cell_row(z3[0, r], h[r], c[r], H, act, rec)
+            else:
+                for blk in range(nb):
+                    zr = z3[blk, r]
+                    j0 = blk * JB
+                    for j in range(JB):
+                        zrow[j0 + j] = zr[j]
+                _cell_row(zrow, h[r], c[r], H, act, rec)
+            seen[r] = 1
+        _emit(out, r, s, h[r], H, write_out, on, seen[r] != 0, zero_output)
+
+
 @njit(**NJIT_OPTS)
 def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out,
                      zero_output, act, rec):
@@ -65,9 +118,9 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out
 
     src:  [N, 4H] rows of input projections x W
     idx:  [Bp, Tc] int64: the projection of row r at chunk step s (processing order) is
-          src[idx[r, s]]: the chunk's own projection buffer ([Bp * Tc, 4H], idx[r, s] =
-          r * Tc + s), or for an LSTM fed by an Embedding the (embeddings @ W) table and
-          the token ids, so the lookup is read in place, never copied
+          src[idx[r, s]]: for an LSTM fed by an Embedding the (embeddings @ W) table
+          and the token ids, so the lookup is read in place, never copied (or any
+          buffer of projections: [Bp * Tc, 4H] with idx[r, s] = r * Tc + s)
     Ub:   [nb, H, JB] the recurrent kernel U [H, 4H] cut into nb blocks of JB columns,
           each block contiguous (nb * JB = 4H)
     b:    [4H] bias (zeros when the layer has none)
@@ -75,27 +128,20 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out
     seen: [Bp] uint8, updated in place (row has had an unmasked step)
     mask: [Bp, Tc] uint8 (1 = step is computed); all ones when there is no mask
     z3:   [nb, Bp, JB] scratch for the pre-activations, blocked like Ub
-    zrow: [4H] scratch: one row's pre-activations gathered for the gates
+    zrow: [4H] scratch: one row's pre-activations gathered for the gates (nb > 1)
     out:  [Bp, Tc, H] outputs of the chunk (written when write_out)
 
     z += h U runs in the register tiles of ``tile_cpu`` (4 rows x 4 vectors of z held
     in registers over the whole sum over H; one-row tiles for leftover rows, plain
     loops for the columns past the last whole vector).  They replaced loops that
-    loaded and stored z for every four terms (73 against 106 GFLOP/s on one core for
-    16 rows, H = 256, in a scratch A/B).  A group of rows all masked at a step (the
-    padding of shorter sequences) skips the product: a masked row's z is never used.
+    loaded and stored z for every four terms (1.2x faster from 32 rows up,
+    bench/gemm_rates.py).  A group of rows all masked at a step skips the product: a
+    masked row's z is never used.
     """
     Bp, Tc = idx.shape
-    G = src.shape[1]
-    H = G // 4
-    nb, _, JB = Ub.shape
-    R4 = Bp - Bp % 4
-    V = vector_width(h)
-    W = 4 * V
-    JV = JB - JB % V
+    nb, H, JB = Ub.shape
     for s in range(Tc):
         for blk in range(nb):
-            Uk = Ub[blk]
             zb = z3[blk]
             j0 = blk * JB
             bb = b[j0:j0 + JB]
@@ -106,38 +152,49 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out
                 xr = src[idx[r, s], j0:j0 + JB]
                 for j in range(JB):
                     zr[j] = xr[j] + bb[j]
-            # z += h U: register tiles over column ranges of 4 vectors (outer), then
-            # the row groups (inner), so a range's rows of U are read from cache by
-            # every group in turn
-            for q0 in range(0, JV, W):
-                q1 = min(q0 + W, JV)
-                for r in range(0, R4, 4):
-                    if (mask[r, s] == 0 and mask[r + 1, s] == 0 and mask[r + 2, s] == 0
-                            and mask[r + 3, s] == 0):
-                        continue    # padding: all four rows masked at this step
-                    tile_rows4(h, r, Uk, zb, q0, q1)
-                for r in range(R4, Bp):
-                    if mask[r, s] != 0:
-                        tile_row1(h, r, Uk, zb, q0, q1)
-            if JV < JB:
-                for r in range(Bp):
-                    if mask[r, s] != 0:
-                        scalar_cols(h, r, Uk, zb, JV, JB)
+            _product_masked(h, 0, H, Ub[blk], zb, mask, s)
         # gates and state update (every row read h above before any row writes it)
-        for r in range(Bp):
-            on = mask[r, s] != 0
-            if on:
-                if nb == 1:
-                    _cell_row(z3[0, r], h[r], c[r], H, act, rec)
-                else:
-                    for blk in range(nb):
-                        zr = z3[blk, r]
-                        j0 = blk * JB
-                        for j in range(JB):
-                            zrow[j0 + j] = zr[j]
-                    _cell_row(zrow, h[r], c[r], H, act, rec)
-                seen[r] = 1
-            _emit(out, r, s, h[r], H, write_out, on, seen[r] != 0, zero_output)
+        _gates_step(z3, zrow, h, c, seen, mask, s, out, write_out, zero_output, act, rec)
+
+
+@njit(**NJIT_OPTS)
+def lstm_chunk_xfused(x2, D, t0, T, reverse, Wb, Ub, b, h, c, seen, mask, z3, zrow, out,
+                      write_out, zero_output, act, rec):
+    """As ``lstm_chunk_fused``, with the input projection computed here too, step by
+    step: z = b + x_t W + h U, both products in the register tiles.  No buffer of
+    projections exists and the input is read in place.
+
+    x2:   [Bp, >= T * D] the block's rows of the input x [B, T, D] viewed as [B, T * D]
+          (input time order)
+    D, T: input width and sequence length
+    t0:   processing step of the chunk's first step; reverse: processing step p reads
+          input time T - 1 - p (go_backwards), else p
+    Wb:   [nb, D, JB] the kernel W [D, 4H] cut into column blocks like Ub
+    the other arguments as in lstm_chunk_fused (mask: [Bp, Tc], processing order)
+
+    Against the chunk's projection as one OpenBLAS GEMM followed by lstm_chunk_fused,
+    16 rows, T = 100, D = 128, H = 256 on one thread: 12.9-13.8 ms against 14.4-14.9
+    (scratch A/B): the tiles beat OpenBLAS at these shapes, and the projection is
+    never written out and read back.  The price is reading W from cache every step.
+    """
+    Bp, Tc = mask.shape
+    nb, H, JB = Ub.shape
+    for s in range(Tc):
+        p = t0 + s
+        t = T - 1 - p if reverse else p
+        for blk in range(nb):
+            zb = z3[blk]
+            j0 = blk * JB
+            bb = b[j0:j0 + JB]
+            for r in range(Bp):
+                if mask[r, s] == 0:
+                    continue
+                zr = zb[r]
+                for j in range(JB):
+                    zr[j] = bb[j]
+            _product_masked(x2, t * D, D, Wb[blk], zb, mask, s)
+            _product_masked(h, 0, H, Ub[blk], zb, mask, s)
+        _gates_step(z3, zrow, h, c, seen, mask, s, out, write_out, zero_output, act, rec)
 
 
 @njit(**NJIT_OPTS)

@@ -53,15 +53,15 @@ VECTOR_BYTES = _vector_bytes()
 
 
 def _make_tile(NR, NC):
-    """The intrinsic ``tile(A, ar, B, bj, C, cr, cj, K)`` for an NR-row by NC-vector
-    tile: C[cr:cr+NR, cj:cj+NC*V] += A[ar:ar+NR, :K] @ B[:K, bj:bj+NC*V].
+    """The intrinsic ``tile(A, ar, ak, B, bj, C, cr, cj, K)`` for an NR-row by NC-vector
+    tile: C[cr:cr+NR, cj:cj+NC*V] += A[ar:ar+NR, ak:ak+K] @ B[:K, bj:bj+NC*V].
 
-    A: [M, >=K];  B: [>=K, N];  C: [M', N']  (2-D, C-contiguous, one float dtype)
-    ar, bj, cr, cj, K: integers (intp); nothing is bounds-checked
+    A: [M, >=ak+K];  B: [>=K, N];  C: [M', N']  (2-D, C-contiguous, one float dtype)
+    ar, ak, bj, cr, cj, K: integers (intp); nothing is bounds-checked
     """
 
     @intrinsic
-    def tile(typingctx, A, ar, B, bj, C, cr, cj, K):
+    def tile(typingctx, A, ar, ak, B, bj, C, cr, cj, K):
         arrays = (A, B, C)
         if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
                    for a in arrays):
@@ -69,11 +69,11 @@ def _make_tile(NR, NC):
         if not (A.dtype == B.dtype == C.dtype and A.dtype in (types.float32,
                                                                types.float64)):
             raise TypeError("tile_cpu: A, B and C must all be float32 or all float64")
-        sig = types.void(A, types.intp, B, types.intp, C, types.intp, types.intp,
-                         types.intp)
+        sig = types.void(A, types.intp, types.intp, B, types.intp, C, types.intp,
+                         types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            a_v, ar_v, b_v, bj_v, c_v, cr_v, cj_v, k_v = args
+            a_v, ar_v, ak_v, b_v, bj_v, c_v, cr_v, cj_v, k_v = args
             fty = context.get_value_type(signature.args[0].dtype)
             isz = context.get_abi_sizeof(fty)
             V = VECTOR_BYTES // isz
@@ -84,8 +84,8 @@ def _make_tile(NR, NC):
                 builder.module, ir.FunctionType(vty, [vty, vty, vty]),
                 "llvm.fma.v%df%d" % (V, 8 * isz))
             a = context.make_array(signature.args[0])(context, builder, a_v)
-            b = context.make_array(signature.args[2])(context, builder, b_v)
-            c = context.make_array(signature.args[4])(context, builder, c_v)
+            b = context.make_array(signature.args[3])(context, builder, b_v)
+            c = context.make_array(signature.args[5])(context, builder, c_v)
             shift = ir.Constant(i64, isz.bit_length() - 1)   # bytes -> elements
 
             def row_stride(arr):
@@ -95,8 +95,8 @@ def _make_tile(NR, NC):
                 return ir.Constant(i64, x)
 
             lda, ldb, ldc = row_stride(a), row_stride(b), row_stride(c)
-            pa = [builder.gep(a.data, [builder.mul(builder.add(ar_v, const(r)), lda)])
-                  for r in range(NR)]
+            pa = [builder.gep(a.data, [builder.add(
+                builder.mul(builder.add(ar_v, const(r)), lda), ak_v)]) for r in range(NR)]
             pb = builder.gep(b.data, [bj_v])
             pc = [builder.gep(c.data, [builder.add(
                 builder.mul(builder.add(cr_v, const(r)), ldc), cj_v)]) for r in range(NR)]
@@ -165,46 +165,43 @@ def vector_width(A):
 
 
 @njit(**NJIT_INLINE_OPTS)
-def tile_rows4(A, r, B, C, j_lo, j_hi):
-    """C[r:r+4, j_lo:j_hi] += A[r:r+4] @ B[:, j_lo:j_hi] with tiles (j_hi - j_lo a
-    multiple of the vector width V): 4 x 4 tiles, then 4 x 1.
+def tile_rows4(A, r, ak, K, B, C, j_lo, j_hi):
+    """C[r:r+4, j_lo:j_hi] += A[r:r+4, ak:ak+K] @ B[:K, j_lo:j_hi] with tiles (j_hi - j_lo
+    a multiple of the vector width V): 4 x 4 tiles, then 4 x 1.
 
-    A: [M, K];  B: [K, N];  C: [M, N]  (all C-contiguous, same float dtype)
+    A: [M, >=ak+K];  B: [>=K, N];  C: [M, N]  (all C-contiguous, same float dtype)
     """
-    K = A.shape[1]
     V = vector_width(A)
     j = j_lo
     while j + 4 * V <= j_hi:
-        tile_4x4(A, r, B, j, C, r, j, K)
+        tile_4x4(A, r, ak, B, j, C, r, j, K)
         j += 4 * V
     while j < j_hi:
-        tile_4x1(A, r, B, j, C, r, j, K)
+        tile_4x1(A, r, ak, B, j, C, r, j, K)
         j += V
 
 
 @njit(**NJIT_INLINE_OPTS)
-def tile_row1(A, r, B, C, j_lo, j_hi):
+def tile_row1(A, r, ak, K, B, C, j_lo, j_hi):
     """As tile_rows4 for the single row r."""
-    K = A.shape[1]
     V = vector_width(A)
     j = j_lo
     while j + 4 * V <= j_hi:
-        tile_1x4(A, r, B, j, C, r, j, K)
+        tile_1x4(A, r, ak, B, j, C, r, j, K)
         j += 4 * V
     while j < j_hi:
-        tile_1x1(A, r, B, j, C, r, j, K)
+        tile_1x1(A, r, ak, B, j, C, r, j, K)
         j += V
 
 
 @njit(**NJIT_INLINE_OPTS)
-def scalar_cols(A, r, B, C, j_lo, j_hi):
-    """C[r, j_lo:j_hi] += A[r] @ B[:, j_lo:j_hi] in plain loops (the columns past the
-    last whole vector)."""
-    K = A.shape[1]
+def scalar_cols(A, r, ak, K, B, C, j_lo, j_hi):
+    """C[r, j_lo:j_hi] += A[r, ak:ak+K] @ B[:K, j_lo:j_hi] in plain loops (the columns
+    past the last whole vector)."""
     for j in range(j_lo, j_hi):
         s = C[r, j]
         for k in range(K):
-            s += A[r, k] * B[k, j]
+            s += A[r, ak + k] * B[k, j]
         C[r, j] = s
 
 
@@ -216,6 +213,7 @@ def gemm_rows_acc(A, n, B, C):
     Column blocks of 4 V outer, row groups of 4 inner: a block of B (K x 4V) is read
     from cache by every row group in turn.
     """
+    K = A.shape[1]
     N = B.shape[1]
     V = vector_width(A)
     NV = N - N % V
@@ -224,9 +222,9 @@ def gemm_rows_acc(A, n, B, C):
     for j0 in range(0, NV, W):
         j1 = min(j0 + W, NV)
         for r in range(0, R4, 4):
-            tile_rows4(A, r, B, C, j0, j1)
+            tile_rows4(A, r, 0, K, B, C, j0, j1)
         for r in range(R4, n):
-            tile_row1(A, r, B, C, j0, j1)
+            tile_row1(A, r, 0, K, B, C, j0, j1)
     if NV < N:
         for r in range(n):
-            scalar_cols(A, r, B, C, NV, N)
+            scalar_cols(A, r, 0, K, B, C, NV, N)
