@@ -2,10 +2,12 @@
 
 Inputs arrive validated: contiguous NumPy arrays of one float dtype.  The batch is split
 into one contiguous block of rows per thread (``_threads``); each thread runs its rows
-through every time step on its own: the input projection of a chunk of steps as one BLAS
-GEMM, then the recurrence (a fused Numba loop over the chunk for small blocks, or per step a BLAS GEMM
-``h U`` plus a fused Numba pointwise kernel), then optionally a Dense epilogue on the
-chunk while it is in cache.  No [B, T, 4H] buffer is ever held: only [rows, Tc, 4H].
+through every time step on its own, a chunk of steps at a time: the fused Numba kernel
+computes each step's input projection and recurrent product itself (register tiles,
+x read in place), or, for very large blocks, the chunk's projection is one BLAS GEMM and
+each step a BLAS GEMM ``h U`` plus a Numba pointwise kernel; then optionally a Dense
+epilogue on the chunk while it is in cache.  No [B, T, 4H] buffer is ever held: at
+most [rows, Tc, 4H] (the GEMM path).
 """
 import time
 

@@ -32,8 +32,10 @@ NJIT_OPTS = {"fastmath": FASTMATH, "error_model": "numpy", "nogil": True, "cache
 # Helpers inlined into kernels (not cached on their own).
 NJIT_INLINE_OPTS = {"fastmath": FASTMATH, "error_model": "numpy"}
 
-# Time steps per chunk of the input projection are chosen so the chunk's [B, Tc, 4H]
-# buffer holds about this many bytes (it stays in cache between the GEMM and the steps).
+# Time steps per chunk are chosen so a chunk's [B, Tc, 4H] projection buffer (the BLAS
+# path for very large blocks; the fused kernel projects each step itself and needs none)
+# holds about this many bytes (it stays in cache between the GEMM and the steps).  The
+# chunk also sizes the Dense epilogue's buffers.
 CHUNK_BYTES = 1 << 20
 # ... unless that leaves the chunk's projection GEMM ([rows * Tc, D] @ [D, 4H]) fewer
 # rows than this: at C3's sizes (64 rows per thread, 4H = 2048) 1 MiB is two steps, and
