@@ -318,7 +318,8 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
     hb, cb, sb = h[lo:hi], c[lo:hi], seen[lo:hi]
     Tc = chunk_steps(rows, G, dt.itemsize, T)
     use_gemm = rows * H * G >= config.GEMM_MIN_STEP_MACS
-    in_kernel = xin is not None and table is None and not use_gemm
+    in_kernel = (xin is not None and table is None and not use_gemm
+                 and rows >= config.XPROJ_MIN_ROWS)
     write = out is not None
     zu = np.empty((rows, G), dt)
     z3 = zu.reshape(Ub.shape[0], rows, Ub.shape[2])   # the fused kernel's blocked view

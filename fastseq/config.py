@@ -63,6 +63,14 @@ FUSED_BLOCK_COLUMNS = 256
 # pre-activations in place instead of gathering them from the blocks, 2-5% faster at
 # H = 128-256 (16-32 rows).
 FUSED_ONE_BLOCK_COLUMNS = 1024
+# Rows of a block from which the fused kernel computes each step's input projection
+# x_t W itself (kernels/lstm_cpu.lstm_chunk_xfused); smaller blocks project each chunk
+# of steps with one BLAS GEMM first.  Per step the kernel reads all of W for only that
+# many rows.  LSTM alone on one thread (scratch A/B), chunk GEMM against in-kernel:
+# 1 row 0.28 against 0.35 ms, 2 rows 0.52 against 0.66 (T = 50, D = 64, H = 128);
+# 4 rows 0.51 against 0.47; 8 rows 7.7-8.2 against 7.2-7.4 ms and 16 rows 14.9-15.1
+# against 13.4-13.8 (T = 100, D = 128, H = 256).
+XPROJ_MIN_ROWS = 4
 # Work (multiply-adds) below which a call runs on one thread: handing rows to the pool
 # and back costs tens of microseconds, more than small problems take.
 MIN_MACS_PER_THREAD = 2_000_000

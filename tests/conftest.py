@@ -90,9 +90,11 @@ def rng():
 
 
 # The CPU driver's code paths, forced through fastseq.config (read at call time):
-#   fused        - every block takes the fused Numba kernel (one chunk of steps)
+#   fused        - every block takes the fused Numba kernel (one chunk of steps), which
+#                  computes each step's input projection itself
 #   gemm         - every block takes the per-step BLAS GEMM + pointwise kernel
-#   fused-chunks - fused, one time step per chunk, U cut into 4-column blocks
+#   fused-chunks - fused, one time step per chunk, U cut into 4-column blocks, the
+#                  projection of each chunk a BLAS GEMM first
 #   gemm-chunks  - per-step GEMM, one time step per chunk
 #   split        - batches of up to 64 rows on two threads split by hidden units, with
 #                  a barrier per step (kernels/lstm_split_cpu.py); other calls fused
@@ -107,6 +109,9 @@ CPU_PATHS = {
     "split": (1 << 62, None, True),
     "split-chunks": (1 << 62, 1, True),
 }
+# XPROJ_MIN_ROWS per path: "fused" projects every step in the kernel whatever the rows,
+# "fused-chunks" never does (a BLAS GEMM per chunk, then the fused kernel)
+XPROJ_ROWS = {"fused": 0, "fused-chunks": 1 << 62, "split": 0, "split-chunks": 1 << 62}
 
 
 @pytest.fixture(params=list(CPU_PATHS))
@@ -117,6 +122,8 @@ def cpu_path(request, monkeypatch):
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
     monkeypatch.setattr(config, "SPLIT_UNITS_MAX_ROWS", 64 if unit_split else 0)
     monkeypatch.setattr(config, "SPLIT_UNITS_MIN_STEP_MACS", 0)
+    if request.param in XPROJ_ROWS:
+        monkeypatch.setattr(config, "XPROJ_MIN_ROWS", XPROJ_ROWS[request.param])
     if chunk is not None:
         monkeypatch.setattr(config, "CHUNK_BYTES", chunk)
         monkeypatch.setattr(config, "CHUNK_MIN_ROWS", 1)

@@ -5,13 +5,16 @@ running the recurrence and a time-chunked input projection; the ``cpu_path`` fix
 forces each of them through ``fastseq.config`` (read at call time):
 
 * ``fused``        - GEMM_MIN_STEP_MACS huge: every block takes the fused Numba kernel
-                     (rows four at a time, leftover rows one at a time).
+                     (rows four at a time, leftover rows one at a time), which
+                     computes each step's input projection itself
+                     (XPROJ_MIN_ROWS = 0).
 * ``gemm``         - GEMM_MIN_STEP_MACS = 0: every block takes the per-step BLAS GEMM
                      (h @ U) + pointwise kernel path.
 * ``fused-chunks`` - fused path with CHUNK_BYTES = 1: one time step per chunk, so the
                      state/mask/"seen" bookkeeping is carried across many chunks, and
                      FUSED_BLOCK_COLUMNS = 4 (FUSED_ONE_BLOCK_COLUMNS = 0): U cut
-                     into H column blocks, narrower than a vector.
+                     into H column blocks, narrower than a vector; each chunk's
+                     projection is a BLAS GEMM (XPROJ_MIN_ROWS huge).
 * ``gemm-chunks``  - GEMM path with CHUNK_BYTES = 1.
 * ``split``        - batches of up to 64 rows run on two threads, each owning half of
                      the hidden units, with a barrier per step (go_backwards calls
