@@ -5,12 +5,17 @@ branch-free rational approximation of tanh that LLVM vectorises (max abs error a
 4e-7 on the whole line; the coefficients are those of the float32 rational tanh in the
 Eigen library, ``generic_fast_tanh_float``), and sigmoid(x) = (1 + tanh(x/2)) / 2.
 For float64 it calls the exact libm functions.  NaN inputs give NaN.
+
+``exp_act(x)`` is exp with the same split: for float32 a polynomial that LLVM
+vectorises (the softmax loops of the Dense and cross-entropy kernels), libm's exp for
+float64.
 """
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from ..config import NJIT_INLINE_OPTS
 
@@ -34,6 +39,73 @@ ACTIVATION_CODES = {
 
 def apply_act(code, x):  # pragma: no cover - only used inside @njit code
     raise NotImplementedError("apply_act is a Numba-only function")
+
+
+def exp_act(x):  # pragma: no cover - only used inside @njit code
+    raise NotImplementedError("exp_act is a Numba-only function")
+
+
+@intrinsic
+def _pow2_32(typingctx, n):
+    """2.0 ** n as float32 for an integral float32 n in [-126, 127], built from the
+    exponent bits (an integer add, a shift and a bitcast, all of which vectorise)."""
+    if n != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        k = builder.fptosi(args[0], i32)
+        k = builder.shl(builder.add(k, ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        return builder.bitcast(k, ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+# exp32 range: below EXP32_LO the result is flushed to 0 (exp(-86) = 4.5e-38, near the
+# smallest normal float32); above EXP32_HI (log of the largest float32) it is inf.
+EXP32_LO = -86.0
+EXP32_HI = 88.72283
+
+
+def _exp32_impl(x):
+    # exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, with ln 2 split in
+    # two parts so r is exact; exp(r) by the degree-7 polynomial of the Cephes library's
+    # expf (S. L. Moshier; coefficients quoted from it).  Max relative error 3.0e-7 over
+    # [EXP32_LO, EXP32_HI] (tests/test_activations.py).
+    y = x
+    if y < np.float32(EXP32_LO):
+        y = np.float32(EXP32_LO)
+    if y > np.float32(EXP32_HI):
+        y = np.float32(EXP32_HI)
+    n = np.floor(y * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = y - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    # 2^(n - 1) * 2: n reaches 128 at the top of the range
+    e = p * _pow2_32(n - np.float32(1.0)) * np.float32(2.0)
+    if x < np.float32(EXP32_LO):
+        e = np.float32(0.0)
+    if x > np.float32(EXP32_HI):
+        e = np.float32(np.inf)
+    if x != x:  # keep NaN
+        e = x
+    return e
+
+
+@overload(exp_act, jit_options=NJIT_INLINE_OPTS)
+def _exp_act_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return _exp32_impl
+
+    def impl64(x):
+        return math.exp(x)
+    return impl64
 
 
 def _tanh32_impl(x):

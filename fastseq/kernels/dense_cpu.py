@@ -9,7 +9,7 @@ import math
 from numba import njit
 
 from ..config import NJIT_OPTS
-from .activations import apply_act
+from .activations import apply_act, exp_act
 
 # Dense activation codes beyond the elementwise ones of activations.py
 DENSE_SOFTMAX = 100
@@ -38,14 +38,14 @@ def bias_act_rows(y, b, act):
             s = y.dtype.type(0)  # (row[0] - row[0] is NaN for an infinite row[0])
             if act == DENSE_SOFTMAX:
                 for k in range(K):
-                    e = math.exp(row[k] - m)
+                    e = exp_act(row[k] - m)
                     row[k] = e
                     s += e
                 for k in range(K):
                     row[k] = row[k] / s
             else:
                 for k in range(K):
-                    s += math.exp(row[k] - m)
+                    s += exp_act(row[k] - m)
                 ls = m + math.log(s)
                 for k in range(K):
                     row[k] = row[k] - ls

@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit
 
 from ..config import FASTMATH
+from .activations import exp_act
 
 XENT_LOGITS = 0
 XENT_PROBS = 1
@@ -70,7 +71,7 @@ def xent_rows(z, b, labels, weights, scale, mode, eps, pbuf, stats):
         zy = row[y]
         s = zero
         for k in range(K):
-            e = math.exp(row[k] - m)
+            e = exp_act(row[k] - m)
             row[k] = e
             s += e
         inv = one / s
@@ -164,7 +165,7 @@ def dense_probs(x, W, b, mode, z, out):
                     m = v
             s = zc[r, 0] - zc[r, 0]
             for k in range(K):
-                e = math.exp(zc[r, k] - m)
+                e = exp_act(zc[r, k] - m)
                 zc[r, k] = e
                 s += e
             for k in range(K):
