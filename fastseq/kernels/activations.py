@@ -3,18 +3,23 @@
 ``apply_act(code, x)`` is a Numba intrinsic-style function: for float32 ``x`` it uses a
 branch-free rational approximation of tanh that LLVM vectorises (max abs error about
 4e-7 on the whole line; the coefficients are those of the float32 rational tanh in the
-Eigen library, ``generic_fast_tanh_float``), and sigmoid(x) = (1 + tanh(x/2)) / 2.
-For float64 it calls the exact libm functions.  NaN inputs give NaN.
+Eigen library, ``generic_fast_tanh_float``), and sigmoid(x) = 1 / (1 + exp(-x)) with
+the exp below (relative error under 1e-6 however small the gate: a forget gate
+multiplies a cell state that can be large).  For float64 it calls the exact libm
+functions.  NaN inputs give NaN.
 
 ``exp_act(x)`` is exp with the same split: for float32 a polynomial that LLVM
 vectorises (the softmax loops of the Dense and cross-entropy kernels), libm's exp for
 float64.
+
+``lstm_cell(zi, zf, zg, zo, c)`` is a whole LSTM unit update (sigmoid gates, tanh),
+with two divisions instead of five in float32.
 """
 import math
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from ..config import NJIT_INLINE_OPTS
@@ -65,19 +70,21 @@ def _pow2_32(typingctx, n):
 # smallest normal float32); above EXP32_HI (log of the largest float32) it is inf.
 EXP32_LO = -86.0
 EXP32_HI = 88.72283
+# Largest argument of exp in the float32 sigmoid: exp(40) = 2.4e17, so a product of
+# two (1 + exp) factors and a q stays finite (lstm_cell); sigmoid(-40) = 4.2e-18
+# stands for anything below.
+SIGMOID32_EXP_MAX = 40.0
 
 
-def _exp32_impl(x):
-    # exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, with ln 2 split in
-    # two parts so r is exact; exp(r) by the degree-7 polynomial of the Cephes library's
-    # expf (S. L. Moshier; coefficients quoted from it).  Max relative error 3.0e-7 over
-    # [EXP32_LO, EXP32_HI] (tests/test_activations.py).
-    y = x
-    if y < np.float32(EXP32_LO):
-        y = np.float32(EXP32_LO)
-    if y > np.float32(EXP32_HI):
-        y = np.float32(EXP32_HI)
+def _exp32_parts(y):
+    """exp(y) = p * 2^n for float32 y in [EXP32_LO, EXP32_HI] (NaN: p NaN, n 0).
+
+    n = round(y / ln 2), r = y - n ln 2 (ln 2 split in two parts so r is exact),
+    |r| <= ln(2) / 2, and p = exp(r) by the degree-7 polynomial of the Cephes
+    library's expf (S. L. Moshier; coefficients quoted from it)."""
     n = np.floor(y * np.float32(1.44269504088896341) + np.float32(0.5))
+    if n != n:
+        n = np.float32(0.0)     # NaN: keep the exponent bits defined (p is NaN)
     r = y - n * np.float32(0.693359375)
     r = r - n * np.float32(-2.12194440e-4)
     p = np.float32(1.9875691500e-4)
@@ -87,6 +94,17 @@ def _exp32_impl(x):
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     p = p * r * r + r + np.float32(1.0)
+    return p, n
+
+
+def _exp32_impl(x):
+    # Max relative error 3.0e-7 over [EXP32_LO, EXP32_HI] (tests/test_activations.py).
+    y = x
+    if y < np.float32(EXP32_LO):
+        y = np.float32(EXP32_LO)
+    if y > np.float32(EXP32_HI):
+        y = np.float32(EXP32_HI)
+    p, n = _exp32_parts_nj(y)
     # 2^(n - 1) * 2: n reaches 128 at the top of the range
     e = p * _pow2_32(n - np.float32(1.0)) * np.float32(2.0)
     if x < np.float32(EXP32_LO):
@@ -98,6 +116,28 @@ def _exp32_impl(x):
     return e
 
 
+def _gate_exp32_impl(x):
+    """exp(-x) for the float32 sigmoid 1 / (1 + exp(-x)): the argument clamped to
+    [EXP32_LO, SIGMOID32_EXP_MAX], so no range checks are needed after that (NaN
+    passes through the clamps)."""
+    t = -x
+    if t > np.float32(SIGMOID32_EXP_MAX):
+        t = np.float32(SIGMOID32_EXP_MAX)
+    if t < np.float32(EXP32_LO):
+        t = np.float32(EXP32_LO)
+    p, n = _exp32_parts_nj(t)
+    return p * _pow2_32(n)
+
+
+def _sigmoid32_impl(x):
+    return np.float32(1.0) / (np.float32(1.0) + gate_exp(x))
+
+
+_exp32_parts_nj = njit(inline="always", **NJIT_INLINE_OPTS)(_exp32_parts)
+gate_exp = njit(inline="always", **NJIT_INLINE_OPTS)(_gate_exp32_impl)
+_sigmoid32 = njit(inline="always", **NJIT_INLINE_OPTS)(_sigmoid32_impl)
+
+
 @overload(exp_act, jit_options=NJIT_INLINE_OPTS)
 def _exp_act_overload(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
@@ -106,6 +146,34 @@ def _exp_act_overload(x):
     def impl64(x):
         return math.exp(x)
     return impl64
+
+
+def lstm_cell(zi, zf, zg, zo, c):  # pragma: no cover - only used inside @njit code
+    raise NotImplementedError("lstm_cell is a Numba-only function")
+
+
+def _tanh32_pq(x):
+    """tanh(x) = p / q for float32 x (the rational approximation of _tanh32_impl,
+    returned undivided).  NaN gives NaN: the clamps are selects that keep it."""
+    y = x
+    if y > np.float32(7.90531110763549805):
+        y = np.float32(7.90531110763549805)
+    if y < np.float32(-7.90531110763549805):
+        y = np.float32(-7.90531110763549805)
+    y2 = y * y
+    p = np.float32(-2.76076847742355e-16)
+    p = p * y2 + np.float32(2.00018790482477e-13)
+    p = p * y2 + np.float32(-8.60467152213735e-11)
+    p = p * y2 + np.float32(5.12229709037114e-08)
+    p = p * y2 + np.float32(1.48572235717979e-05)
+    p = p * y2 + np.float32(6.37261928875436e-04)
+    p = p * y2 + np.float32(4.89352455891786e-03)
+    p = p * y
+    q = np.float32(1.19825839466702e-06)
+    q = q * y2 + np.float32(1.18534705686654e-04)
+    q = q * y2 + np.float32(2.26843463243900e-03)
+    q = q * y2 + np.float32(4.89352518554385e-03)
+    return p, q
 
 
 def _tanh32_impl(x):
@@ -134,17 +202,55 @@ def _tanh32_impl(x):
     return r
 
 
+@overload(lstm_cell, inline="always", jit_options=NJIT_INLINE_OPTS)
+def _lstm_cell_overload(zi, zf, zg, zo, c):
+    """(c', h') of one unit from its pre-activations, with sigmoid gates and tanh:
+    c' = sigmoid(zf) c + sigmoid(zi) tanh(zg), h' = sigmoid(zo) tanh(c').
+
+    float32: sigmoid(z) = 1 / (1 + e) with e = exp(-z) (exp_act), tanh = p / q (the
+    rational tanh), and c' and h' are each formed as one fraction::
+
+        c' = (c (1 + ei) qg + pg (1 + ef)) / ((1 + ef) (1 + ei) qg)
+        h' = pc / ((1 + eo) qc)
+
+    two divisions per unit instead of five (the divisions are the slowest part of the
+    gate loop).  e is computed from min(-z, SIGMOID32_EXP_MAX), so no product
+    overflows.  The exp keeps a small gate's relative accuracy: f c stays accurate for
+    a large cell state c where f is tiny (0.5 + 0.5 tanh(z / 2) rounds such an f to a
+    multiple of 6e-8).  (Inlined at the Numba level: as a call, LLVM's inliner found it
+    too big and the gate loop did not vectorise.)  float64: libm, as apply_act."""
+    if isinstance(zi, types.Float) and zi.bitwidth == 32:
+        pq = njit(inline="always", **NJIT_INLINE_OPTS)(_tanh32_pq)
+        one = np.float32(1.0)
+
+        def impl32(zi, zf, zg, zo, c):
+            ai = one + gate_exp(zi)
+            af = one + gate_exp(zf)
+            ao = one + gate_exp(zo)
+            pg, qg = pq(zg)
+            cn = (c * ai * qg + pg * af) / (af * ai * qg)
+            pc, qc = pq(cn)
+            hn = pc / (ao * qc)
+            return cn, hn
+        return impl32
+
+    def impl64(zi, zf, zg, zo, c):
+        cn = apply_act(ACT_SIGMOID, zf) * c + apply_act(ACT_SIGMOID, zi) * apply_act(
+            ACT_TANH, zg)
+        return cn, apply_act(ACT_SIGMOID, zo) * apply_act(ACT_TANH, cn)
+    return impl64
+
+
 @overload(apply_act, jit_options=NJIT_INLINE_OPTS)
 def _apply_act_overload(code, x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
-        from numba import njit
         tanh32 = njit(**NJIT_INLINE_OPTS)(_tanh32_impl)
 
         def impl32(code, x):
             if code == ACT_TANH:
                 return tanh32(x)
             elif code == ACT_SIGMOID:
-                return np.float32(0.5) + np.float32(0.5) * tanh32(np.float32(0.5) * x)
+                return _sigmoid32(x)
             elif code == ACT_HARD_SIGMOID:
                 y = (x + np.float32(3.0)) / np.float32(6.0)
                 if y < np.float32(0.0):
