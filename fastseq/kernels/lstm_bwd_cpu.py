@@ -40,8 +40,8 @@ softsign (1 - |y|)^2, linear 1.
 from numba import njit
 
 from ..config import FASTMATH
-from .activations import (apply_act, ACT_TANH, ACT_SIGMOID, ACT_HARD_SIGMOID, ACT_RELU,
-                          ACT_SOFTSIGN)
+from .activations import (act_inplace, act_range, apply_act, ACT_TANH, ACT_SIGMOID,
+                          ACT_HARD_SIGMOID, ACT_RELU, ACT_SOFTSIGN)
 from .tile_cpu import gemm_rows_acc
 
 
@@ -66,6 +66,32 @@ def act_grad(code, y, one, sixth):
 
 
 @njit(fastmath=FASTMATH, inline="always", error_model="numpy")
+def grad_range(code, y, s0, dst, d0, n, one, sixth):
+    """dst[d0 + j] = act_grad(code, y[s0 + j]) for j < n (y and dst not overlapping),
+    the code tested once outside the loops (see activations.act_range)."""
+    sv = y[s0:s0 + n]       # slices: the index j >= 0 needs no wraparound check
+    dv = dst[d0:d0 + n]
+    if code == ACT_TANH:
+        for j in range(n):
+            dv[j] = act_grad(ACT_TANH, sv[j], one, sixth)
+    elif code == ACT_SIGMOID:
+        for j in range(n):
+            dv[j] = act_grad(ACT_SIGMOID, sv[j], one, sixth)
+    elif code == ACT_HARD_SIGMOID:
+        for j in range(n):
+            dv[j] = act_grad(ACT_HARD_SIGMOID, sv[j], one, sixth)
+    elif code == ACT_RELU:
+        for j in range(n):
+            dv[j] = act_grad(ACT_RELU, sv[j], one, sixth)
+    elif code == ACT_SOFTSIGN:
+        for j in range(n):
+            dv[j] = act_grad(ACT_SOFTSIGN, sv[j], one, sixth)
+    else:
+        for j in range(n):
+            dv[j] = one
+
+
+@njit(fastmath=FASTMATH, inline="always", error_model="numpy")
 def _gates_row(zr, gr, cr, ar, hr, H, act, rec):
     """Gates and new state of one row (an unmasked step), in simple loops over
     contiguous rows so that each one vectorises.
@@ -87,16 +113,15 @@ def _gates_row(zr, gr, cr, ar, hr, H, act, rec):
             cr[j] = cn
             ar[j] = apply_act(ACT_TANH, cn)
     else:
-        for j in range(2 * H):
-            gr[j] = apply_act(rec, zr[j])
-        for j in range(2 * H, 3 * H):
-            gr[j] = apply_act(act, zr[j])
-        for j in range(3 * H, G):
-            gr[j] = apply_act(rec, zr[j])
+        # other activations: the code tested outside each loop (act_range)
+        act_range(rec, zr, 0, gr, 0, 2 * H)
+        act_range(act, zr, 2 * H, gr, 2 * H, H)
+        act_range(rec, zr, 3 * H, gr, 3 * H, G - 3 * H)
         for j in range(H):
             cn = gr[H + j] * cr[j] + gr[j] * gr[2 * H + j]
             cr[j] = cn
-            ar[j] = apply_act(act, cn)
+            ar[j] = cn
+        act_inplace(act, ar, 0, H)
     for j in range(H):
         hr[j] = gr[3 * H + j] * ar[j]
 
@@ -277,19 +302,26 @@ def _dz_row(doutr, carr, dhr, dcr, gr, ar, cpr, dzr, H, act, rec, one, sixth):
             dzr[2 * H + j] = dcn * i * (one - g * g)
             dcr[j] = dcn * f
     else:
+        # other activations: the derivatives first, each in a loop whose code is
+        # tested outside it (grad_range), into dzr and into carr (zero again below)
+        grad_range(rec, gr, 0, dzr, 0, 2 * H, one, sixth)
+        grad_range(act, gr, 2 * H, dzr, 2 * H, H, one, sixth)
+        grad_range(rec, gr, 3 * H, dzr, 3 * H, H, one, sixth)
+        grad_range(act, ar, 0, carr, 0, H, one, sixth)
         for j in range(H):
             a = ar[j]
             o = gr[3 * H + j]
-            dcr[j] = dcr[j] + dhr[j] * o * act_grad(act, a, one, sixth)
-            dzr[3 * H + j] = dhr[j] * a * act_grad(rec, o, one, sixth)
+            dcr[j] = dcr[j] + dhr[j] * o * carr[j]
+            dzr[3 * H + j] = dhr[j] * a * dzr[3 * H + j]
+            carr[j] = 0
         for j in range(H):
             i = gr[j]
             f = gr[H + j]
             g = gr[2 * H + j]
             dcn = dcr[j]
-            dzr[j] = dcn * g * act_grad(rec, i, one, sixth)
-            dzr[H + j] = dcn * cpr[j] * act_grad(rec, f, one, sixth)
-            dzr[2 * H + j] = dcn * i * act_grad(act, g, one, sixth)
+            dzr[j] = dcn * g * dzr[j]
+            dzr[H + j] = dcn * cpr[j] * dzr[H + j]
+            dzr[2 * H + j] = dcn * i * dzr[2 * H + j]
             dcr[j] = dcn * f
 
 

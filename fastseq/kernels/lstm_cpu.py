@@ -13,7 +13,7 @@ so "previous output" is ``h`` when ``seen`` and zero otherwise.
 from numba import njit
 
 from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
-from .activations import apply_act, lstm_cell, ACT_TANH, ACT_SIGMOID
+from .activations import act_inplace, lstm_cell, ACT_TANH, ACT_SIGMOID
 from .tile_cpu import scalar_cols, tile_row1, tile_rows4, vector_width
 
 
@@ -21,7 +21,8 @@ from .tile_cpu import scalar_cols, tile_row1, tile_rows4, vector_width
 def _cell_row(z, hrow, crow, H, act, rec):
     """Gates and state update for one batch row, in place.
 
-    z: [4H] pre-activations (x W + h U + b) for this row and step
+    z: [4H] pre-activations (x W + h U + b) for this row and step (may be
+       overwritten: the gate activations, with activations other than tanh/sigmoid)
     hrow, crow: [H] state of this row (overwritten with the new state)
     """
     if act == ACT_TANH and rec == ACT_SIGMOID:
@@ -32,14 +33,18 @@ def _cell_row(z, hrow, crow, H, act, rec):
             crow[j] = cn
             hrow[j] = hn
     else:
+        # other activations: each one in its own loop over a contiguous range, in
+        # place in z (act_inplace), so that every loop vectorises
+        act_inplace(rec, z, 0, 2 * H)
+        act_inplace(act, z, 2 * H, H)
+        act_inplace(rec, z, 3 * H, H)
         for j in range(H):
-            i = apply_act(rec, z[j])
-            f = apply_act(rec, z[H + j])
-            g = apply_act(act, z[2 * H + j])
-            o = apply_act(rec, z[3 * H + j])
-            cn = f * crow[j] + i * g
+            cn = z[H + j] * crow[j] + z[j] * z[2 * H + j]
             crow[j] = cn
-            hrow[j] = o * apply_act(act, cn)
+            hrow[j] = cn
+        act_inplace(act, hrow, 0, H)
+        for j in range(H):
+            hrow[j] = z[3 * H + j] * hrow[j]
 
 
 @njit(**NJIT_INLINE_OPTS)
