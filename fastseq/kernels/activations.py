@@ -153,8 +153,9 @@ def lstm_cell(zi, zf, zg, zo, c):  # pragma: no cover - only used inside @njit c
 
 
 def _tanh32_pq(x):
-    """tanh(x) = p / q for float32 x (the rational approximation of _tanh32_impl,
-    returned undivided).  NaN gives NaN: the clamps are selects that keep it."""
+    """tanh(x) = p / q for float32 x, the rational approximation undivided.  The
+    argument is clamped to +-7.9 first (tanh(+-7.9) rounds to +-1 in float32); NaN
+    gives NaN: the clamps are selects that keep it."""
     y = x
     if y > np.float32(7.90531110763549805):
         y = np.float32(7.90531110763549805)
@@ -176,26 +177,11 @@ def _tanh32_pq(x):
     return p, q
 
 
+_tanh32_pq_nj = njit(inline="always", **NJIT_INLINE_OPTS)(_tanh32_pq)
+
+
 def _tanh32_impl(x):
-    # clamp: tanh(+-7.9) rounds to +-1 in float32
-    y = x
-    if y > np.float32(7.90531110763549805):
-        y = np.float32(7.90531110763549805)
-    if y < np.float32(-7.90531110763549805):
-        y = np.float32(-7.90531110763549805)
-    y2 = y * y
-    p = np.float32(-2.76076847742355e-16)
-    p = p * y2 + np.float32(2.00018790482477e-13)
-    p = p * y2 + np.float32(-8.60467152213735e-11)
-    p = p * y2 + np.float32(5.12229709037114e-08)
-    p = p * y2 + np.float32(1.48572235717979e-05)
-    p = p * y2 + np.float32(6.37261928875436e-04)
-    p = p * y2 + np.float32(4.89352455891786e-03)
-    p = p * y
-    q = np.float32(1.19825839466702e-06)
-    q = q * y2 + np.float32(1.18534705686654e-04)
-    q = q * y2 + np.float32(2.26843463243900e-03)
-    q = q * y2 + np.float32(4.89352518554385e-03)
+    p, q = _tanh32_pq_nj(x)
     r = p / q
     if x != x:  # keep NaN
         r = x
@@ -220,7 +206,7 @@ def _lstm_cell_overload(zi, zf, zg, zo, c):
     multiple of 6e-8).  (Inlined at the Numba level: as a call, LLVM's inliner found it
     too big and the gate loop did not vectorise.)  float64: libm, as apply_act."""
     if isinstance(zi, types.Float) and zi.bitwidth == 32:
-        pq = njit(inline="always", **NJIT_INLINE_OPTS)(_tanh32_pq)
+        pq = _tanh32_pq_nj
         one = np.float32(1.0)
 
         def impl32(zi, zf, zg, zo, c):
