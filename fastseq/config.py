@@ -53,16 +53,18 @@ CHUNK_MIN_ROWS = 512
 # scratch A/B), so BLAS is kept only for blocks beyond those.  (Before the tiles the
 # limit was 100M: C3 on one thread, 128 rows x H = 512, took the BLAS path.)
 GEMM_MIN_STEP_MACS = 4_000_000_000
-# Columns of U per block in the fused kernel, when 4H > FUSED_ONE_BLOCK_COLUMNS.  With
-# the register tiles (scratch A/B of the kernel, one thread): at H = 512, 64 rows, blocks
-# of 256 columns took 70 ms where one block took 73-81 and blocks of 512-1024 took 70-75
-# (rows of 8 KB map to few cache sets).  Before the tiles, blocks had lifted 16 x 256
-# from 50 to 74 GFLOP/s (bench/gemm_rates.py).
-FUSED_BLOCK_COLUMNS = 256
-# Up to this many columns (4H) U stays one block: the gates then read each row's
-# pre-activations in place instead of gathering them from the blocks, 2-5% faster at
-# H = 128-256 (16-32 rows).
-FUSED_ONE_BLOCK_COLUMNS = 1024
+# Columns of U (and W) per block in the fused kernel, when 4H > FUSED_ONE_BLOCK_COLUMNS:
+# one tile width (4 vectors with AVX-512), so a block's rows are contiguous and its
+# panel streams from L2 in order.  Kernel A/B on one thread (scratch, T = 100): 64 rows
+# at H = 512, 207.6 ms with blocks of 64 columns against 226.2 (128), 237.7 (256) and
+# 281.5 (one block); 16 rows at H = 256, 13.1-13.6 against 12.9-13.4 (256) and
+# 13.5-14.3 (one block); two threads at once, 16 rows each: 14.8-15.2 ms against
+# 15.3-17.0 (one block).  `bench/ab_revs.py --what C3` against blocks of 256: 0.83-0.93.
+# When the block width divides H, the gates read the blocks in place.
+FUSED_BLOCK_COLUMNS = 64
+# Up to this many columns (4H) U stays one block: at H = 128 (32 rows, T = 14, the
+# tagger's size) one block took 1.16 ms against 1.19-1.23 for blocks of 64-256.
+FUSED_ONE_BLOCK_COLUMNS = 512
 # Rows of a block from which the fused kernel computes each step's input projection
 # x_t W itself (kernels/lstm_cpu.lstm_chunk_xfused); smaller blocks project each chunk
 # of steps with one BLAS GEMM first.  Per step the kernel reads all of W for only that

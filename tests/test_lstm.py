@@ -95,13 +95,14 @@ def test_shapes(rng, assert_close, cpu_path, B, T, D, H, dtype):
     _run(x, W, U, b, assert_close, dtype)
 
 
-@pytest.mark.parametrize("block", [32, 48, 64])
+@pytest.mark.parametrize("block", [16, 32, 48, 64])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fused_column_blocks(rng, assert_close, monkeypatch, block, dtype):
     """The fused kernel on U cut into several blocks, each one or more whole vectors
     wide (the register tiles: 4 x 4 vectors, 4 x 1, one row; with block 48 and float32
-    a block is 3 vectors, so no 4 x 4 tile fits), with masked rows: the paths that the
-    default blocking (one block up to 4H = 1024) uses only for H > 256."""
+    a block is 3 vectors, so no 4 x 4 tile fits), with masked rows; the gates read the
+    blocks in place when the block width divides H (16, 48), else gather each row
+    (32, 64).  The default blocking (64 columns) applies from H = 256 up."""
     monkeypatch.setattr(config, "FUSED_BLOCK_COLUMNS", block)
     monkeypatch.setattr(config, "FUSED_ONE_BLOCK_COLUMNS", 0)
     monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1 << 62)   # one thread, one block

@@ -18,33 +18,46 @@ from .tile_cpu import scalar_cols, tile_row1, tile_rows4, vector_width
 
 
 @njit(**NJIT_INLINE_OPTS)
-def _cell_row(z, hrow, crow, H, act, rec):
-    """Gates and state update for one batch row, in place.
+def _cell_gates(zi, zf, zg, zo, hrow, crow, n, act, rec):
+    """Gates and state update of n units of one batch row, in place.
 
-    z: [4H] pre-activations (x W + h U + b) for this row and step (may be
-       overwritten: the gate activations, with activations other than tanh/sigmoid)
-    hrow, crow: [H] state of this row (overwritten with the new state)
+    zi, zf, zg, zo: [n] pre-activations of the units' four gates (x W + h U + b; may
+    be overwritten: the gate activations, with activations other than tanh/sigmoid)
+    hrow, crow: [n] the units' state (overwritten with the new state)
     """
     if act == ACT_TANH and rec == ACT_SIGMOID:
         # the common case, written out so the loop vectorises (two divisions per
         # unit in float32, see activations.lstm_cell)
-        for j in range(H):
-            cn, hn = lstm_cell(z[j], z[H + j], z[2 * H + j], z[3 * H + j], crow[j])
+        for j in range(n):
+            cn, hn = lstm_cell(zi[j], zf[j], zg[j], zo[j], crow[j])
             crow[j] = cn
             hrow[j] = hn
     else:
-        # other activations: each one in its own loop over a contiguous range, in
-        # place in z (act_inplace), so that every loop vectorises
-        act_inplace(rec, z, 0, 2 * H)
-        act_inplace(act, z, 2 * H, H)
-        act_inplace(rec, z, 3 * H, H)
-        for j in range(H):
-            cn = z[H + j] * crow[j] + z[j] * z[2 * H + j]
+        # other activations: each one in its own loop, in place (act_inplace), so
+        # that every loop vectorises
+        act_inplace(rec, zi, 0, n)
+        act_inplace(rec, zf, 0, n)
+        act_inplace(act, zg, 0, n)
+        act_inplace(rec, zo, 0, n)
+        for j in range(n):
+            cn = zf[j] * crow[j] + zi[j] * zg[j]
             crow[j] = cn
             hrow[j] = cn
-        act_inplace(act, hrow, 0, H)
-        for j in range(H):
-            hrow[j] = z[3 * H + j] * hrow[j]
+        act_inplace(act, hrow, 0, n)
+        for j in range(n):
+            hrow[j] = zo[j] * hrow[j]
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _cell_row(z, hrow, crow, H, act, rec):
+    """Gates and state update for one batch row, in place.
+
+    z: [4H] pre-activations (x W + h U + b) for this row and step (may be
+       overwritten, see _cell_gates)
+    hrow, crow: [H] state of this row (overwritten with the new state)
+    """
+    _cell_gates(z[0:H], z[H:2 * H], z[2 * H:3 * H], z[3 * H:4 * H], hrow, crow, H,
+                act, rec)
 
 
 @njit(**NJIT_INLINE_OPTS)
@@ -93,7 +106,8 @@ def _product_masked(A, ak, K, Bk, zb, mask, s):
 @njit(**NJIT_INLINE_OPTS)
 def _gates_step(z3, zrow, h, c, seen, mask, s, out, write_out, zero_output, act, rec):
     """Gates, state update and outputs of every row at chunk step s, from the blocked
-    pre-activations z3 [nb, Bp, JB] (read in place when there is one block)."""
+    pre-activations z3 [nb, Bp, JB] (read in place when there is one block, or when
+    JB divides H; else each row is gathered into zrow first)."""
     nb, Bp, JB = z3.shape
     H = h.shape[1]
     for r in range(Bp):
@@ -101,6 +115,14 @@ def _gates_step(z3, zrow, h, c, seen, mask, s, out, write_out, zero_output, act,
         if on:
             if nb == 1:
                 _cell_row(z3[0, r], h[r], c[r], H, act, rec)
+            elif H % JB == 0:
+                # each gate's units u0:u0+JB lie in one block: read them in place
+                hr = h[r]
+                cr = c[r]
+                for u0 in range(0, H, JB):
+                    _cell_gates(z3[u0 // JB, r], z3[(H + u0) // JB, r],
+                                z3[(2 * H + u0) // JB, r], z3[(3 * H + u0) // JB, r],
+                                hr[u0:u0 + JB], cr[u0:u0 + JB], JB, act, rec)
             else:
                 for blk in range(nb):
                     zr = z3[blk, r]
