@@ -272,9 +272,12 @@ def test_activations(rng, assert_close, activation, recurrent_activation, dtype)
 
 @pytest.mark.parametrize("activation,recurrent_activation",
                          [("relu", "hard_sigmoid"), ("linear", "sigmoid")])
+@pytest.mark.parametrize("H", [5, 8])
 def test_activations_other_paths(rng, assert_close, cpu_path, activation,
-                                 recurrent_activation):
-    x, W, U, b = _data(rng, 3, 4, 3, 5, scale=1.5)
+                                 recurrent_activation, H):
+    # H = 8: on the paths with 4-column blocks the gates read the blocks in place
+    # (4 divides H); H = 5: they gather each row first
+    x, W, U, b = _data(rng, 3, 4, 3, H, scale=1.5)
     _run(x, W, U, b, assert_close, np.float32, return_sequences=True, return_state=True,
          activation=activation, recurrent_activation=recurrent_activation)
 
