@@ -1,9 +1,12 @@
 """Numba CPU kernels for the LSTM recurrence (Keras gate order i, f, c, o).
 
 Notation (matches the docs): ``W`` kernel [D, 4H], ``U`` recurrent kernel [H, 4H],
-``b`` bias [4H], ``h``/``c`` hidden/cell state [B, H].  The input projection ``x @ W`` is
-computed outside these kernels as a large GEMM over a chunk of time steps; the kernels
-run the per-step recurrence on that chunk and allocate nothing per step.
+``b`` bias [4H], ``h``/``c`` hidden/cell state [B, H].  The kernels run the per-step
+recurrence over a chunk of time steps and allocate nothing per step.  The input
+projection ``x @ W`` is computed step by step inside ``lstm_chunk_xfused``; the other
+kernels read it from rows computed before them (a GEMM over the chunk, or the
+(embeddings @ W) table of an Embedding).  W and U may be cut into column blocks
+(``_cpu.block_columns``).
 
 Masking follows Keras: a masked step keeps ``h`` and ``c``; its output is the previous
 output (zeros before the first unmasked step of a row), or zero with
