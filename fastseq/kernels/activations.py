@@ -275,40 +275,16 @@ def _apply_act_overload(code, x):
 
 
 @njit(**NJIT_INLINE_OPTS)
-def act_range(code, src, s0, dst, d0, n):
-    """dst[d0 + j] = apply_act(code, src[s0 + j]) for j < n; src and dst must not
-    overlap (use act_inplace for that: LLVM vectorises a loop over two views only after
-    a run-time overlap check, and an exact overlap sends it to the scalar loop).
+def act_inplace(code, v, s0, n):
+    """v[s0 + j] = apply_act(code, v[s0 + j]) for j < n (a linear or unknown code
+    leaves v as it is).
 
     The branch on ``code`` is taken once, outside the loops, so each loop is compiled
     with a constant code and vectorises: with the code tested inside one loop (a
-    runtime code) the loop stayed scalar, 3-7x slower (hard_sigmoid, relu, softsign)."""
-    sv = src[s0:s0 + n]     # slices: the index j >= 0 needs no wraparound check
-    dv = dst[d0:d0 + n]
-    if code == ACT_TANH:
-        for j in range(n):
-            dv[j] = apply_act(ACT_TANH, sv[j])
-    elif code == ACT_SIGMOID:
-        for j in range(n):
-            dv[j] = apply_act(ACT_SIGMOID, sv[j])
-    elif code == ACT_HARD_SIGMOID:
-        for j in range(n):
-            dv[j] = apply_act(ACT_HARD_SIGMOID, sv[j])
-    elif code == ACT_RELU:
-        for j in range(n):
-            dv[j] = apply_act(ACT_RELU, sv[j])
-    elif code == ACT_SOFTSIGN:
-        for j in range(n):
-            dv[j] = apply_act(ACT_SOFTSIGN, sv[j])
-    else:
-        for j in range(n):
-            dv[j] = sv[j]
-
-
-@njit(**NJIT_INLINE_OPTS)
-def act_inplace(code, v, s0, n):
-    """v[s0 + j] = apply_act(code, v[s0 + j]) for j < n (see act_range)."""
-    w = v[s0:s0 + n]
+    runtime code) the loop stayed scalar, 3-7x slower (hard_sigmoid, relu, softsign).
+    In place on purpose: a loop from one view into another vectorises only after a
+    run-time overlap check, and an exact overlap sends it to the scalar loop."""
+    w = v[s0:s0 + n]     # a slice: the index j >= 0 needs no wraparound check
     if code == ACT_TANH:
         for j in range(n):
             w[j] = apply_act(ACT_TANH, w[j])

@@ -40,7 +40,7 @@ softsign (1 - |y|)^2, linear 1.
 from numba import njit
 
 from ..config import FASTMATH
-from .activations import (act_inplace, act_range, apply_act, ACT_TANH, ACT_SIGMOID,
+from .activations import (act_inplace, apply_act, ACT_TANH, ACT_SIGMOID,
                           ACT_HARD_SIGMOID, ACT_RELU, ACT_SOFTSIGN)
 from .tile_cpu import gemm_rows_acc
 
@@ -68,7 +68,7 @@ def act_grad(code, y, one, sixth):
 @njit(fastmath=FASTMATH, inline="always", error_model="numpy")
 def grad_range(code, y, s0, dst, d0, n, one, sixth):
     """dst[d0 + j] = act_grad(code, y[s0 + j]) for j < n (y and dst not overlapping),
-    the code tested once outside the loops (see activations.act_range)."""
+    the code tested once outside the loops (see activations.act_inplace)."""
     sv = y[s0:s0 + n]       # slices: the index j >= 0 needs no wraparound check
     dv = dst[d0:d0 + n]
     if code == ACT_TANH:
@@ -113,10 +113,13 @@ def _gates_row(zr, gr, cr, ar, hr, H, act, rec):
             cr[j] = cn
             ar[j] = apply_act(ACT_TANH, cn)
     else:
-        # other activations: the code tested outside each loop (act_range)
-        act_range(rec, zr, 0, gr, 0, 2 * H)
-        act_range(act, zr, 2 * H, gr, 2 * H, H)
-        act_range(rec, zr, 3 * H, gr, 3 * H, G - 3 * H)
+        # other activations: the pre-activations copied, then each gate's activation
+        # in place in a loop whose code is tested outside it (act_inplace)
+        for j in range(G):
+            gr[j] = zr[j]
+        act_inplace(rec, gr, 0, 2 * H)
+        act_inplace(act, gr, 2 * H, H)
+        act_inplace(rec, gr, 3 * H, H)
         for j in range(H):
             cn = gr[H + j] * cr[j] + gr[j] * gr[2 * H + j]
             cr[j] = cn
