@@ -39,7 +39,7 @@ from numba import types as nbt
 
 from .activations import (ACT_HARD_SIGMOID, ACT_RELU, ACT_SIGMOID, ACT_SOFTSIGN,
                           ACT_TANH)
-from .lstm_cuda import make_act
+from .lstm_cuda import make_act, make_stage_rows
 
 _NB_DTYPES = {np.dtype(np.float32): nbt.float32, np.dtype(np.float64): nbt.float64}
 _CACHE = {}
@@ -121,6 +121,7 @@ def train_kernels(np_dtype):
     nbdt = _NB_DTYPES[np.dtype(np_dtype)]
     act = make_act(np_dtype)
     act_grad = make_act_grad(np_dtype)
+    stage_rows = make_stage_rows(np_dtype)
 
     def fwd_cell(xw, zu, b, mask, t, tp, s, h, c, hprev, cprev, gates, actc, out, zofm,
                  a_code, r_code):
@@ -384,21 +385,8 @@ def train_kernels(np_dtype):
                 for r0 in range(0, B, CH):
                     nr = min(CH, B - r0)
                     # stage rows r0..r0+nr-1 of dz[t]
-                    n = nr * H4 if staged else 0
-                    e = tid
-                    while e < n:
-                        v = cuda.local.array(8, nbdt)
-                        for q in range(8):
-                            eq = e + q * nthr
-                            if eq < n:
-                                rq = eq // H4
-                                v[q] = dz[t, r0 + rq, eq - rq * H4]
-                        for q in range(8):
-                            eq = e + q * nthr
-                            if eq < n:
-                                rq = eq // H4
-                                zs[rq * Zs + eq - rq * H4] = v[q]
-                        e += 8 * nthr
+                    if staged:
+                        stage_rows(dz[t, r0:r0 + nr], zs, Zs, tid, nthr)
                     cuda.syncthreads()
                     # items: 4 rows x 1 unit (rows past the chunk reuse its last row; their
                     # sums are discarded), KS threads each

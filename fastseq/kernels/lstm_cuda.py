@@ -100,6 +100,60 @@ def make_act(np_dtype):
     return act
 
 
+_STAGE_CACHE = {}
+
+
+def make_stage_rows(np_dtype):
+    """Device function ``stage_rows(src, dst, ds, tid, nthr)`` for one float dtype: the
+    threads of a block copy ``dst[r*ds + k] = src[r, k]`` for every row r and column k
+    of ``src`` (global, [R, C]) into ``dst`` (shared, R*ds values).  Each pass moves
+    up to 8 values per thread with all 8 loads issued before the stores (one L2 round
+    trip per pass; guarded, so small R*C also gets one pass).  The (row, column) of a
+    thread's values advance by a step split once into rows and columns, so the loop
+    does no integer division."""
+    key = np.dtype(np_dtype).str
+    fn = _STAGE_CACHE.get(key)
+    if fn is not None:
+        return fn
+    nbdt = _NB_DTYPES[np.dtype(np_dtype)]
+
+    @cuda.jit(device=True)
+    def stage_rows(src, dst, ds, tid, nthr):
+        R = src.shape[0]
+        C = src.shape[1]
+        dr = nthr // C             # the step of nthr values, in rows and columns
+        dcol = nthr - dr * C
+        r = tid // C
+        c = tid - r * C
+        while r < R:
+            v = cuda.local.array(8, nbdt)
+            rq = r
+            cq = c
+            for q in range(8):
+                if rq < R:
+                    v[q] = src[rq, cq]
+                rq += dr
+                cq += dcol
+                if cq >= C:
+                    cq -= C
+                    rq += 1
+            rq = r
+            cq = c
+            for q in range(8):
+                if rq < R:
+                    dst[rq * ds + cq] = v[q]
+                rq += dr
+                cq += dcol
+                if cq >= C:
+                    cq -= C
+                    rq += 1
+            r = rq
+            c = cq
+
+    _STAGE_CACHE[key] = stage_rows
+    return stage_rows
+
+
 @cuda.jit(device=True)
 def unpack_flags(flags):
     """(has_mask, go_back, zofm, ret_seq, has_h0, has_c0, act, ract) from the packed
@@ -187,6 +241,7 @@ def lstm_kernels(np_dtype, rbb):
     if RBB not in RBB_CHOICES:
         raise ValueError(f"rbb must be one of {RBB_CHOICES}, got {rbb}")
     act_fn = make_act(np_dtype)
+    stage_rows = make_stage_rows(np_dtype)
 
     @cuda.jit(device=True)
     def dot1(w0, w1, w2, w3, hr, k, ku, ksu, acc):
@@ -376,29 +431,6 @@ def lstm_kernels(np_dtype, rbb):
                             out[bb, s, j] = y
 
     @cuda.jit(device=True)
-    def stage_h(hin, hs, Hs, tid, nthr):
-        # hs[b*Hs + k] = hin[b, k] for every batch row b and k < H.  Each pass moves up
-        # to 8 values per thread with all 8 loads issued before the stores (one L2
-        # round trip per pass; guarded, so small B*H also gets one pass).
-        # hin: [B, H]; hs: shared, B*Hs values.
-        H = hin.shape[1]
-        n = hin.shape[0] * H
-        e = tid
-        while e < n:
-            v = cuda.local.array(8, nbdt)
-            for q in range(8):
-                eq = e + q * nthr
-                if eq < n:
-                    bq = eq // H
-                    v[q] = hin[bq, eq - bq * H]
-            for q in range(8):
-                eq = e + q * nthr
-                if eq < n:
-                    bq = eq // H
-                    hs[bq * Hs + eq - bq * H] = v[q]
-            e += 8 * nthr
-
-    @cuda.jit(device=True)
     def load_inputs(G, bias, mask, t, j, bb0, H, has_mask, zin, mon):
         # zin[g, r] = G[b, t, g*H + j] + bias[g*H + j]; mon[r] = mask[b, t] (1 without a
         # mask) for the item's rows b = bb0 + r (rows past the end reuse row B-1)
@@ -485,7 +517,7 @@ def lstm_kernels(np_dtype, rbb):
             if Hs > 0:
                 # stage all of h once per step (the grid barrier before this step also
                 # ended every thread's reads of the previous one)
-                stage_h(hin, hs, Hs, tid, nthr)
+                stage_rows(hin, hs, Hs, tid, nthr)
                 cuda.syncthreads()
             for rnd in range(nrounds):
                 item = rnd * nslots + slot
