@@ -482,13 +482,16 @@ def _host_profile(fn, reps=5, top=14):
     for _ in range(reps):
         fn()
     pr.disable()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
-    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
-    print(f"host profile ({reps} calls):")
-    for ln in lines[-top - 1:]:
-        print("   ", ln[:150])
-    return lines[-top - 1:]
+    out = []
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).strip_dirs().sort_stats(key).print_stats(top)
+        lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+        print(f"host profile ({reps} calls, by {key}):")
+        for ln in lines[-top - 1:]:
+            print("   ", ln[:150])
+        out += [f"by {key}:"] + lines[-top - 1:]
+    return out
 
 
 def _time_bwd_recurrence(ctx, _cuda, xtm, W, U, b, mtm, h0, c0, dy, stage_bytes=None):
@@ -563,10 +566,17 @@ def _training_cases(ctx, B, T, D, H, cases):
                         r[f"t_fastseq_fwd_{mode}_ms"] = 1e3 * ctx.bench(
                             lambda: _cuda.lstm_train_forward_cuda(xtm, W, U, b, mtm, h0,
                                                                   c0))
-                        # the backward recurrence alone, device arrays in and out
+                        # the backward pass alone (host arrays in and out)
+                        _, saved = _cuda.lstm_train_forward_cuda(xtm, W, U, b, mtm, h0, c0)
+                        dytm = np.ascontiguousarray(dy.transpose(1, 0, 2))
+                        r[f"t_fastseq_bwd_{mode}_ms"] = 1e3 * ctx.bench(
+                            lambda: _cuda.lstm_train_backward_cuda(saved, dytm))
+                        del saved
+                        # the backward recurrence alone, device arrays in and out (in
+                        # "auto" mode: dz staged in shared memory, whatever its size)
                         r[f"t_bwd_recurrence_{mode}_ms"] = _time_bwd_recurrence(
                             ctx, _cuda, xtm, W, U, b, mtm, h0, c0, dy)
-                        if mode == "auto":   # dz read from global memory (untimed so far)
+                        if mode == "auto":   # dz read from global memory
                             r["t_bwd_recurrence_global_ms"] = _time_bwd_recurrence(
                                 ctx, _cuda, xtm, W, U, b, mtm, h0, c0, dy, stage_bytes=0)
                             r["path_global"] = _cuda.last_train_path[1]

@@ -135,7 +135,7 @@ def test_catalog_covers_every_kernel():
                      "transpose", "gemm",
                      "dense", "dense_epilogue",
                      "dense_argmax", "train_fwd_cell", "train_bwd_cell", "train_bwd_dh",
-                     "train_col_sum", "train_scan_h", "train_scan_c",
+                     "train_col_sum", "train_scan_h", "train_scan_c", "train_swap01",
                      "train_bwd_persistent", "train_bwd_persistent_global"}
     for dt in ("float32", "float64"):
         assert sum(f"[{dt}" in n for n in KERNEL_NAMES) == len(KERNEL_NAMES) // 2

@@ -214,6 +214,8 @@ def test_gradients_match_cpu(sim, name, dtype, mode):
         assert "train_fwd_cell" not in launches and "train_bwd_cell" not in launches
         assert launches.get("lstm_persistent") == 1 and "lstm_step" not in launches
         assert launches.get("train_scan") == 2
+        # x is uploaded once (time-major) and rearranged batch-major on the GPU
+        assert launches.get("swap01") == 1
         assert launches.get("train_bwd_persistent") == 1, meta[key]["path"]
         path, detail = meta[key]["path"]
         assert path == "persistent"

@@ -94,6 +94,8 @@ def signatures(np_dtype):
         "scan_h": (a3, m2, a2, a3, a3, i),
         # xw, gates, b, mask, c0, cprev, actc, go_back, act, rec
         "scan_c": (a3, a3, f[::1], m2, a2, a3, a3, i, i, i),
+        # src, dst
+        "swap01": (a3, a3),
         # dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo, strides, flags
         "bwd_persistent": (a3, a3, a3, a3, m2, a2, a3, a2, a2, a2, i, i, i),
         "bwd_persistent_global": (a3, a3, a3, a3, m2, a2, a3, a2, a2, a2, i, i, i),
@@ -241,6 +243,22 @@ def train_kernels(np_dtype):
                 acc += A[i, j]
             out[j] = acc
             j += stride
+
+    def swap01(src, dst):
+        # dst[q, p, :] = src[p, q, :], blocks over the rows (p, q) in turn, threads along
+        # a row.  src: [P, Q, R]; dst: [Q, P, R]
+        P = src.shape[0]
+        Q = src.shape[1]
+        R = src.shape[2]
+        row = cuda.blockIdx.x
+        while row < P * Q:
+            q = row // P
+            p = row - q * P
+            k = cuda.threadIdx.x
+            while k < R:
+                dst[q, p, k] = src[p, q, k]
+                k += cuda.blockDim.x
+            row += cuda.gridDim.x
 
     def scan_h(outs, mask, h0, hprev, out, go_back):
         # The persistent forward's outputs rearranged for backpropagation, one thread
@@ -455,7 +473,7 @@ def train_kernels(np_dtype):
 
     ks = TrainKernels(np_dtype, signatures(np_dtype), fwd_cell=fwd_cell,
                       bwd_cell=bwd_cell, bwd_dh=bwd_dh, col_sum=col_sum, scan_h=scan_h,
-                      scan_c=scan_c, bwd_persistent=bwd_persistent,
+                      scan_c=scan_c, swap01=swap01, bwd_persistent=bwd_persistent,
                       bwd_persistent_global=bwd_persistent_global)
     _CACHE[key] = ks
     return ks
