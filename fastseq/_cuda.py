@@ -213,9 +213,14 @@ def _to_dev(cuda, a, dt, what):
 def _numba_view(cuda, a):
     """Numba view of a ``__cuda_array_interface__`` array.  An array on a default stream
     (legacy or per-thread, or none named) needs no stream synchronisation: fastseq's
-    kernels run on the legacy default stream, which waits for work on those."""
-    stream = a.__cuda_array_interface__.get("stream")
-    return cuda.as_cuda_array(a, sync=stream not in (None, 1, 2))
+    kernels run on the legacy default stream, which waits for work on those.  Such a
+    view names no stream either, because CuPy synchronises that stream (waits for the
+    whole GPU) each time it imports an array that names one: that cost 0.5 ms per
+    GEMM in training (bench/results/gpu_check_h100_8f651e4.log)."""
+    desc = a.__cuda_array_interface__
+    if desc.get("stream") in (None, 1, 2):
+        return cuda.from_cuda_array_interface(dict(desc, stream=None), owner=a, sync=False)
+    return cuda.as_cuda_array(a, sync=True)
 
 
 def _empty(cuda, shape, dt):
