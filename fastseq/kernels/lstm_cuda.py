@@ -118,6 +118,14 @@ def make_stage_rows(np_dtype):
     nbdt = _NB_DTYPES[np.dtype(np_dtype)]
 
     @cuda.jit(device=True)
+    def step(r, c, dr, dcol, C):
+        # (row, column) of the value nthr = dr*C + dcol places further on
+        c += dcol
+        if c >= C:
+            return r + dr + 1, c - C
+        return r + dr, c
+
+    @cuda.jit(device=True)
     def stage_rows(src, dst, ds, tid, nthr):
         R = src.shape[0]
         C = src.shape[1]
@@ -132,21 +140,13 @@ def make_stage_rows(np_dtype):
             for q in range(8):
                 if rq < R:
                     v[q] = src[rq, cq]
-                rq += dr
-                cq += dcol
-                if cq >= C:
-                    cq -= C
-                    rq += 1
+                rq, cq = step(rq, cq, dr, dcol, C)
             rq = r
             cq = c
             for q in range(8):
                 if rq < R:
                     dst[rq * ds + cq] = v[q]
-                rq += dr
-                cq += dcol
-                if cq >= C:
-                    cq -= C
-                    rq += 1
+                rq, cq = step(rq, cq, dr, dcol, C)
             r = rq
             c = cq
 
