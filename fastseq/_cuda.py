@@ -906,14 +906,23 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
     GEMMs, and the cell state along the steps (``scan_c``).
     """
     cuda = _require()
-    dt = np.dtype(x.dtype)
-    T, B, D = x.shape
+    out, saved = _train_forward_dev(cuda, _upload(cuda, x, x.dtype), None, W, U, b, m8,
+                                    h0, c0, go_backwards, zero_output_for_mask, act, rec)
+    return out.copy_to_host(), saved
+
+
+def _train_forward_dev(cuda, xd3, xbm, W, U, b, m8, h0, c0, go_backwards,
+                       zero_output_for_mask, act, rec):
+    """``lstm_train_forward_cuda`` on x already on the device: xd3 [T, B, D]
+    (time-major), xbm the same batch-major [B, T, D] or None (then made from xd3 when
+    needed).  Returns (out [T, B, H] device array, saved)."""
+    dt = np.dtype(xd3.dtype)
+    T, B, D = (int(n) for n in xd3.shape)
     H = int(U.shape[0])
     G4 = 4 * H
     a_code = _act_code(act, "activation")
     r_code = _act_code(rec, "recurrent_activation")
     gb, zofm = int(bool(go_backwards)), int(bool(zero_output_for_mask))
-    xd3 = _upload(cuda, x, dt)
     xd = xd3.reshape(T * B, D)
     Ud = _upload(cuda, U, dt)
     bd = _dev_or_zeros(cuda, b, (G4,), dt)
@@ -934,8 +943,9 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
         # the weights lstm_cuda needs, from the uploads above (U transposed on the GPU)
         weights = LSTMWeights(Wd, _transpose_dev(cuda, Ud), bd, dt)
         # x batch-major for it, rearranged on the GPU
-        xbm = _empty(cuda, (B, T, D), dt)
-        _swap01(cuda, xd3, xbm)
+        if xbm is None:
+            xbm = _empty(cuda, (B, T, D), dt)
+            _swap01(cuda, xd3, xbm)
         outs, _, _ = lstm_cuda(xbm, None, None, None, h, c, np.asarray(m8).T, go_backwards=gb,
                                return_sequences=True, zero_output_for_mask=zofm,
                                act=a_code, rec=r_code, weights=weights)
@@ -957,7 +967,7 @@ def lstm_train_forward_cuda(x, W, U, b, m8, h0, c0, *, go_backwards=False,
     saved = dict(x=xd, Wd=Wd, Ud=Ud, m=md, hprev=hprev, cprev=cprev, gates=gates,
                  actc=actc, shape=(T, B, D, H), dtype=dt, go_backwards=gb, zofm=zofm,
                  act=a_code, rec=r_code)
-    return out.copy_to_host(), saved
+    return out, saved
 
 
 def _stage_dz(B, H, itemsize):
@@ -1089,10 +1099,18 @@ def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
     dh0, dc0).
     """
     cuda = _require()
+    dx, grads = _train_backward_dev(cuda, saved, _upload(cuda, dout, saved["dtype"]), dh,
+                                    dc, need_dx)
+    return (None if dx is None else dx.copy_to_host(),) + grads
+
+
+def _train_backward_dev(cuda, saved, doutd, dh, dc, need_dx):
+    """``lstm_train_backward_cuda`` with the output gradient on the device (doutd
+    [T, B, H]).  Returns (dx [T, B, D] device array or None, (dW, dU, db, dh0, dc0) as
+    NumPy arrays)."""
     T, B, D, H = saved["shape"]
     dt = saved["dtype"]
     G4 = 4 * H
-    doutd = _upload(cuda, dout, dt)
     dhd, dcd = _dev_or_zeros(cuda, dh, (B, H), dt), _dev_or_zeros(cuda, dc, (B, H), dt)
     dz = _bwd_recurrence(cuda, saved, doutd, dhd, dcd)
     dz2 = dz.reshape(T * B, G4)
@@ -1111,31 +1129,54 @@ def lstm_train_backward_cuda(saved, dout, dh=None, dc=None, need_dx=True):
     if need_dx:
         dxd = _empty(cuda, (T * B, D), dt)
         _matmul(cuda, dz2, saved["Wd"], dxd, tb=True)
-        dx = dxd.copy_to_host().reshape(T, B, D)
-    return (dx, dW.copy_to_host(), dU.copy_to_host(), db.copy_to_host(),
-            dhd.copy_to_host(), dcd.copy_to_host())
+        dx = dxd.reshape(T, B, D)
+    return dx, (dW.copy_to_host(), dU.copy_to_host(), db.copy_to_host(),
+                dhd.copy_to_host(), dcd.copy_to_host())
 
 
-def lstm_vjp_cuda(x, W, U, b, m8, h0, c0, dout, dh, dc, *, go_backwards=False,
-                  zero_output_for_mask=False, act="tanh", rec="sigmoid", need_dx=True):
-    """``lstm_train_forward_cuda`` then ``lstm_train_backward_cuda``.  Returns (out,
-    dx, dW, dU, db, dh0, dc0) as NumPy arrays."""
-    out, saved = lstm_train_forward_cuda(
-        x, W, U, b, m8, h0, c0, go_backwards=go_backwards,
-        zero_output_for_mask=zero_output_for_mask, act=act, rec=rec)
-    return (out,) + lstm_train_backward_cuda(saved, dout, dh, dc, need_dx)
+def lstm_vjp_cuda(x, W, U, b, m8, h0, c0, d_out, dh, dc, *, return_sequences,
+                  go_backwards=False, zero_output_for_mask=False, act="tanh",
+                  rec="sigmoid"):
+    """The backward pass of one LSTM layer for ``training.lstm_vjp``, batch-major host
+    arrays in and out, rearranged on the GPU: x [B, T, D]; d_out [B, T, H] (in output
+    order) with ``return_sequences``, else [B, H] (the last output), or None; dh, dc
+    [B, H] or None; m8 [T, B] uint8.  Returns NumPy (dx [B, T, D], dW, dU, db, dh0,
+    dc0)."""
+    cuda = _require()
+    dt = np.dtype(x.dtype)
+    B, T, D = x.shape
+    H = int(U.shape[0])
+    xbm = _upload(cuda, x, dt)
+    xd3 = _empty(cuda, (T, B, D), dt)
+    _swap01(cuda, xbm, xd3)
+    _, saved = _train_forward_dev(cuda, xd3, xbm, W, U, b, m8, h0, c0, go_backwards,
+                                  zero_output_for_mask, act, rec)
+    gb = bool(go_backwards)
+    if d_out is not None and return_sequences:
+        doutd = _empty(cuda, (T, B, H), dt)      # input order: reversed with go_backwards
+        _swap01(cuda, _upload(cuda, d_out, dt), doutd, rev=gb)
+    else:
+        doutd = _zeros(cuda, (T, B, H), dt)
+        if d_out is not None:
+            doutd[0 if gb else T - 1].copy_to_device(np.ascontiguousarray(d_out, dt))
+    dxd, grads = _train_backward_dev(cuda, saved, doutd, dh, dc, True)
+    dx = _empty(cuda, (B, T, D), dt)
+    _swap01(cuda, dxd, dx)
+    return (dx.copy_to_host(),) + grads
 
 
 def _dev_or_zeros(cuda, a, shape, dt):
     return _zeros(cuda, shape, dt) if a is None else _upload(cuda, a, dt)
 
 
-def _swap01(cuda, src, dst):
-    """dst[q, p, :] = src[p, q, :] for device arrays src [P, Q, R], dst [Q, P, R]."""
+def _swap01(cuda, src, dst, rev=False):
+    """dst[q, p, :] = src[p, q, :] (src[p, Q-1-q, :] with ``rev``) for device arrays
+    src [P, Q, R], dst [Q, P, R]."""
     P, Q, R = (int(n) for n in src.shape)
     if P * Q * R:
         _train_kernel(cuda, "swap01", np.dtype(src.dtype))[min(P * Q, 8192),
-                                                           min(256, _pow2ceil(R))](src, dst)
+                                                           min(256, _pow2ceil(R))](
+            src, dst, int(bool(rev)))
         LAUNCHES["swap01"] += 1
 
 

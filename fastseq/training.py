@@ -1174,33 +1174,35 @@ def lstm_vjp(x, kernel, recurrent_kernel, bias, dy, *, initial_state=None, mask=
         d_h = _validate.as_host(d_h, fn, "dy[1]", dt)
     if d_c is not None:
         d_c = _validate.as_host(d_c, fn, "dy[2]", dt)
-    xt = _time_major(x)
-    dout = np.zeros((T, B, H), dt)
     if d_out is not None:
         d_out = _validate.as_host(d_out, fn, "dy[0]" if return_state else "dy", dt)
         want = (B, T, H) if return_sequences else (B, H)
         if d_out.shape != want:
             raise ValueError(f"{fn}: the output gradient must have shape {want}, got "
                              f"{d_out.shape}")
-        if return_sequences:
-            d = _time_major(d_out)
-            dout += d[::-1] if go_backwards else d
-        else:
-            dout[0 if go_backwards else T - 1] += d_out
     for name, d in (("h", d_h), ("c", d_c)):
         if d is not None and np.shape(d) != (B, H):
             raise ValueError(f"{fn}: the gradient wrt the final {name} must have shape "
                              f"({B}, {H}), got {np.shape(d)}")
     if device == "cuda":
+        # batch-major arrays in and out; the GPU rearranges them
         from . import _cuda
-        _, dx, dW, dU, db, dh0, dc0 = _cuda.lstm_vjp_cuda(
-            xt, W, U, b, m8, h0, c0, dout, d_h, d_c, go_backwards=go_backwards,
-            zero_output_for_mask=zero_output_for_mask, act=activation,
-            rec=recurrent_activation)
-        grads = [dW, dU, db]
-    else:
-        _, _, _, saved = op.run_forward(xt, m8, h0, c0)
-        dx, grads, dh0, dc0 = op.run_backward(saved, dout, d_h, d_c)
+        dx, dW, dU, db, dh0, dc0 = _cuda.lstm_vjp_cuda(
+            x, W, U, b, m8, h0, c0, d_out, d_h, d_c, return_sequences=return_sequences,
+            go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask,
+            act=activation, rec=recurrent_activation)
+        return {"x": dx, "kernel": dW, "recurrent_kernel": dU,
+                "bias": db if b is not None else None, "h0": dh0, "c0": dc0}
+    xt = _time_major(x)
+    dout = np.zeros((T, B, H), dt)
+    if d_out is not None:
+        if return_sequences:
+            d = _time_major(d_out)
+            dout += d[::-1] if go_backwards else d
+        else:
+            dout[0 if go_backwards else T - 1] += d_out
+    _, _, _, saved = op.run_forward(xt, m8, h0, c0)
+    dx, grads, dh0, dc0 = op.run_backward(saved, dout, d_h, d_c)
     return {"x": _time_major(dx), "kernel": grads[0], "recurrent_kernel": grads[1],
             "bias": grads[2] if b is not None else None, "h0": dh0, "c0": dc0}
 

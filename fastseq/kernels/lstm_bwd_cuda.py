@@ -94,8 +94,8 @@ def signatures(np_dtype):
         "scan_h": (a3, m2, a2, a3, a3, i),
         # xw, gates, b, mask, c0, cprev, actc, go_back, act, rec
         "scan_c": (a3, a3, f[::1], m2, a2, a3, a3, i, i, i),
-        # src, dst
-        "swap01": (a3, a3),
+        # src, dst, rev
+        "swap01": (a3, a3, i),
         # dout, gates, actc, cprev, mask, U, dz, dh, dc, carry, geo, strides, flags
         "bwd_persistent": (a3, a3, a3, a3, m2, a2, a3, a2, a2, a2, i, i, i),
         "bwd_persistent_global": (a3, a3, a3, a3, m2, a2, a3, a2, a2, a2, i, i, i),
@@ -244,9 +244,9 @@ def train_kernels(np_dtype):
             out[j] = acc
             j += stride
 
-    def swap01(src, dst):
-        # dst[q, p, :] = src[p, q, :], blocks over the rows (p, q) in turn, threads along
-        # a row.  src: [P, Q, R]; dst: [Q, P, R]
+    def swap01(src, dst, rev):
+        # dst[q, p, :] = src[p, q, :] (src[p, Q-1-q, :] when rev != 0), blocks over the
+        # rows (p, q) in turn, threads along a row.  src: [P, Q, R]; dst: [Q, P, R]
         P = src.shape[0]
         Q = src.shape[1]
         R = src.shape[2]
@@ -254,9 +254,10 @@ def train_kernels(np_dtype):
         while row < P * Q:
             q = row // P
             p = row - q * P
+            qs = Q - 1 - q if rev != 0 else q
             k = cuda.threadIdx.x
             while k < R:
-                dst[q, p, k] = src[p, q, k]
+                dst[q, p, k] = src[p, qs, k]
                 k += cuda.blockDim.x
             row += cuda.gridDim.x
 
