@@ -341,8 +341,15 @@ def _time_lstm(ctx, r, B, H, T, rng, weights):
     xd = ctx.to_dev(rng.standard_normal((B, T, H)).astype(np.float32))
     f = lambda: fastseq.lstm(xd, W, U, b, return_sequences=True,  # noqa: E731
                              device="cuda")
-    f()
+    y = ctx.to_host(f())
     r["path"] = " ".join(_cuda.last_lstm_path)
+    if _cuda.LSTM_MODE != "auto":
+        # the same call in the default mode, as the reference for this mode's output
+        mode, _cuda.LSTM_MODE = _cuda.LSTM_MODE, "auto"
+        try:
+            r["rel_err_vs_auto"] = rel_err(y, ctx.to_host(f()))
+        finally:
+            _cuda.LSTM_MODE = mode
     r["ms"] = 1e3 * ctx.bench(f, min_time=0.15, max_reps=20)
 
 
@@ -357,7 +364,14 @@ def tuning(ctx, T, K, args):
     Wd = rng.uniform(-4 * s, 4 * s, (H, K)).astype(np.float32)
     bd = np.zeros(K, np.float32)
     KB = 1024
-    lstm_grid = ([(3, 5, {"THREADS_PER_BLOCK": 16})] if args.dry_run else [
+    lstm_grid = ([(3, 5, {"THREADS_PER_BLOCK": 16}), (3, 5, {"LSTM_MODE": "gemm"})]
+                 if args.dry_run else [
+        # a cuBLAS GEMM and a cell launch per step (untimed before; the persistent
+        # kernel's times for these shapes are in the main table)
+        (256, 1024, {"LSTM_MODE": "gemm"}),
+        (64, 1024, {"LSTM_MODE": "gemm"}),
+        (256, 512, {"LSTM_MODE": "gemm"}),
+        (8, 1024, {"LSTM_MODE": "gemm"}),
         (1, 1024, {"THREADS_PER_BLOCK": 256, "PERSISTENT_BLOCKS_PER_SM": 1}),
         (1, 1024, {"THREADS_PER_BLOCK": 256, "PERSISTENT_BLOCKS_PER_SM": 2}),
         (1, 1024, {"THREADS_PER_BLOCK": 128, "PERSISTENT_BLOCKS_PER_SM": 1}),

@@ -46,7 +46,8 @@ RBB_MIN_BATCH = 16
 # Target blocks per SM for the automatic persistent slice size.
 PERSISTENT_BLOCKS_PER_SM = 1
 # "auto" (persistent when it fits, else per-step), "persistent" (error if it cannot run),
-# "stepwise".
+# "stepwise" (a launch per step that also computes h U), or "gemm" (per step, h U as a
+# GEMM, cuBLAS through CuPy when installed, then a cell launch; not yet timed on a GPU).
 LSTM_MODE = "auto"
 # Training (lstm_train_forward_cuda / lstm_train_backward_cuda): "auto" (the forward
 # recurrence by lstm_cuda's kernels, the saved gates from two GEMMs and two scans, the
@@ -310,7 +311,7 @@ def _lstm_kernel(cuda, name, dt, rbb):
     from .kernels import lstm_cuda
     ks = lstm_cuda.lstm_kernels(dt, rbb)
     fn = {"persistent": ks.persistent, "step": ks.step, "init_state": ks.init_state,
-          "transpose": ks.transpose}[name]
+          "transpose": ks.transpose, "cell_gemm": ks.cell_gemm}[name]
     sig = ks.signatures[name]
     return _jit(cuda, ("lstm", name, dt.str, rbb), fn, sig), sig
 
@@ -760,8 +761,9 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
     if rbb not in RBB_CHOICES:
         raise ValueError(f"BATCH_REGISTER_TILE must be one of {RBB_CHOICES}, got {rbb}")
     mode = LSTM_MODE
-    if mode not in ("auto", "persistent", "stepwise"):
-        raise ValueError(f"LSTM_MODE must be 'auto', 'persistent' or 'stepwise', got {mode!r}")
+    if mode not in ("auto", "persistent", "stepwise", "gemm"):
+        raise ValueError(f"LSTM_MODE must be 'auto', 'persistent', 'stepwise' or 'gemm', "
+                         f"got {mode!r}")
 
     with _WS_LOCK:
         G3, Gc = _workspace(cuda, cupy, (B, T, G4), dt, dev)
@@ -771,8 +773,8 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
             LAUNCHES["cupy_gemm"] += 1
         else:
             _matmul(cuda, xd.reshape(B * T, D), weights.W, G3.reshape(B * T, G4))
-        reason = "LSTM_MODE='stepwise'"
-        if mode != "stepwise":
+        reason = f"LSTM_MODE={mode!r}"
+        if mode in ("auto", "persistent"):
             try:
                 kp, sigp = _lstm_kernel(cuda, "persistent", dt, rbb)
                 plan = _persistent_plan(cuda, kp, sigp, B, H, dt.itemsize, tpb, rbb)
@@ -806,6 +808,10 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
         # per-step fallback (the state is (re)initialised: a failed cooperative launch
         # may have run partly)
         _launch_init_state(cuda, dt, st, h0d, c0d, flags)
+        if mode == "gemm":
+            _gemm_steps(cuda, dt, weights, G3, st, out, maskd, flags, a_code, r_code)
+            last_lstm_path = ("gemm", "a GEMM and a cell launch per step")
+            return _lstm_outputs(res, T, return_sequences)
         ksf, sigs = _lstm_kernel(cuda, "step", dt, rbb)
         tpb = min(tpb, _kernel_max_threads(ksf, sigs, tpb))
         hb = max(1, min(int(HIDDEN_PER_BLOCK) if HIDDEN_PER_BLOCK is not None else 8, H))
@@ -831,6 +837,30 @@ def lstm_cuda(x, W, U, b, h0, c0, mask, go_backwards=False, return_sequences=Fal
         LAUNCHES["lstm_step"] += T
     last_lstm_path = ("stepwise", reason)
     return _lstm_outputs(res, T, return_sequences)
+
+
+def _gemm_steps(cuda, dt, weights, G3, st, out, maskd, flags, a_code, r_code):
+    """LSTM_MODE "gemm": per step, zu = h U as a GEMM (cuBLAS through CuPy when
+    installed), then one ``cell_gemm`` launch.  st [4, B, H] holds the initial state."""
+    B, T, G4 = (int(n) for n in G3.shape)
+    H = G4 // 4
+    if _cupy() is not None:
+        U, tb = weights.Ut, True             # U^T [4H, H]; cuBLAS takes the transpose
+    else:
+        U, tb = _transpose_dev(cuda, weights.Ut), False
+    zu = _empty(cuda, (B, G4), dt)
+    k, _ = _lstm_kernel(cuda, "cell_gemm", dt, 1)
+    tpb, nb = _cell_grid(B * H)
+    hv = (st[0], st[1])
+    has_mask, gb = flags & 1, (flags >> 1) & 1
+    zofm, rs = (flags >> 2) & 1, (flags >> 3) & 1
+    for s in range(T):
+        t = T - 1 - s if gb else s
+        p = s % 2
+        _matmul(cuda, hv[p], U, zu, tb=tb)
+        k[nb, tpb](zu, G3, weights.b, hv[p], hv[1 - p], st[2], st[3], out, maskd, s, t,
+                   has_mask, zofm, rs, a_code, r_code)
+    LAUNCHES["lstm_cell_gemm"] += T
 
 
 def _launch_init_state(cuda, dt, st, h0d, c0d, flags):
@@ -1328,6 +1358,8 @@ def kernel_catalog():
                         ks.signatures["step"]))
         ks1 = lstm_cuda.lstm_kernels(dt, 1)
         cat.append((f"transpose[{dt.name}]", ks1.transpose, ks1.signatures["transpose"]))
+        cat.append((f"lstm_cell_gemm[{dt.name}]", ks1.cell_gemm,
+                    ks1.signatures["cell_gemm"]))
         cat.append((f"init_state[{dt.name}]", ks1.init_state, ks1.signatures["init_state"]))
         cat.append((f"gemm[{dt.name}]", gemm_cuda.gemm_kernel(dt, GEMM_TILE, GEMM_THREADS),
                     gemm_cuda.signature(dt)))

@@ -131,7 +131,7 @@ def compiled(tmp_path_factory):
 
 def test_catalog_covers_every_kernel():
     kinds = {n.split("[")[0] for n in KERNEL_NAMES}
-    assert kinds == {"lstm_persistent", "lstm_step", "init_state",
+    assert kinds == {"lstm_persistent", "lstm_step", "lstm_cell_gemm", "init_state",
                      "transpose", "gemm",
                      "dense", "dense_epilogue",
                      "dense_argmax", "train_fwd_cell", "train_bwd_cell", "train_bwd_dh",

@@ -103,6 +103,14 @@ LSTM_CASES = {
         B=2, T=3, D=3, H=5, mask=False, state=False, seq=True, back=False, zofm=False,
         tun=dict(LSTM_MODE="auto", THREADS_PER_BLOCK=16, MAX_SHARED_BYTES=64),
         path="stepwise", reason="shared memory"),
+    # a GEMM and a cell launch per step: mask, states, backwards, zero_output_for_mask;
+    # and the last output only
+    "gemm_mask_states_back_zofm": dict(
+        B=3, T=5, D=4, H=6, mask=True, state=True, seq=True, back=True, zofm=True,
+        tun=dict(LSTM_MODE="gemm"), path="gemm"),
+    "gemm_plain_last": dict(
+        B=2, T=4, D=3, H=5, mask=False, state=False, seq=False, back=False, zofm=False,
+        tun=dict(LSTM_MODE="gemm"), path="gemm"),
     # float64 end to end
     "float64_persistent": dict(
         B=3, T=4, D=4, H=5, mask=True, state=True, seq=True, back=True, zofm=False,
@@ -112,6 +120,9 @@ LSTM_CASES = {
         B=3, T=4, D=4, H=5, mask=True, state=True, seq=True, back=False, zofm=True,
         dtype="float64", tun=dict(LSTM_MODE="stepwise", THREADS_PER_BLOCK=8,
                                   HIDDEN_PER_BLOCK=2), path="stepwise"),
+    "float64_gemm": dict(
+        B=3, T=4, D=4, H=5, mask=True, state=True, seq=True, back=False, zofm=False,
+        dtype="float64", tun=dict(LSTM_MODE="gemm"), path="gemm"),
 }
 # every activation as `activation` and as `recurrent_activation`
 for _i, _a in enumerate(ACTS):
@@ -437,6 +448,10 @@ def test_lstm_matches_cpu_and_reference(sim, name, assert_close):
         if "staged" in c:
             want = "h staged in shared memory" if c["staged"] else "h from global memory"
             assert want in reason, reason
+    elif path == "gemm":
+        # a GEMM for h U and a cell launch per step (plus the input projection's GEMM)
+        assert launches.get("lstm_cell_gemm") == c["T"] and launches.get("gemm") == c["T"] + 1
+        assert "lstm_persistent" not in launches and "lstm_step" not in launches
     else:
         assert launches.get("lstm_step") == c["T"] and "lstm_persistent" not in launches
     if "reason" in c:

@@ -1,7 +1,7 @@
 """CUDA kernels for the LSTM recurrence (Numba CUDA).
 
-Two kernels share one device function, ``cell_step``, that runs one time step for a
-block's slice of hidden units:
+Three kernels run the recurrence; the first two use the same thread mapping (below) for
+a block's slice of hidden units:
 
 * ``lstm_persistent`` - one cooperative launch for all T steps.  Block ``bx`` owns hidden
   units ``j0 = bx*HB .. j0+nu`` (``nu <= HB``; the last block may be ragged) for every
@@ -18,6 +18,9 @@ block's slice of hidden units:
 * ``lstm_step`` - the fallback when the weight slices do not fit on chip or the grid
   cannot be co-resident: one launch per step, weights read from global memory (L2).
   Grid = (hidden-unit slices, batch chunks); ``init_state`` sets its state first.
+* ``cell_gemm`` - the cell update alone, one thread per (row, unit), after a GEMM has
+  formed ``h U`` for the step (``LSTM_MODE = "gemm"``: cuBLAS through CuPy).  It shares
+  the gate, mask and output rules (``cell_update``) with ``lstm_step``.
 
 Thread mapping inside a block (both kernels): the block's work is a list of *items*,
 one per (unit ``u``, group of ``RBB`` batch rows).  ``KS`` threads (a power of two)
@@ -192,11 +195,12 @@ class LSTMKernels:
     """Python kernel functions for one (dtype, RBB), plus their Numba signatures."""
 
     def __init__(self, np_dtype, rbb, persistent, step, init_state, transpose,
-                 signatures):
+                 signatures, cell_gemm):
         self.dtype = np.dtype(np_dtype)
         self.rbb = rbb
         self.persistent = persistent
         self.step = step
+        self.cell_gemm = cell_gemm
         self.init_state = init_state
         self.transpose = transpose
         self.signatures = signatures
@@ -222,6 +226,9 @@ def signatures(np_dtype):
         # HB, BB, KS, has_mask, zofm, ret_seq, act, ract
         "step": (a3, a1, a1, a2, a2, a2, a2, a3, m2, i8, i8,
                  i8, i8, i8, i8, i8, i8, i8, i8),
+        # zu, G, bias, hin, hout, c, ylast, out, mask, s, t, has_mask, zofm, ret_seq,
+        # act, ract
+        "cell_gemm": (a2, a3, a1, a2, a2, a2, a2, a3, m2, i8, i8, i8, i8, i8, i8, i8),
         # A, AT
         "transpose": (a2, a2),
     }
@@ -347,6 +354,37 @@ def lstm_kernels(np_dtype, rbb):
         cuda.syncthreads()
 
     @cuda.jit(device=True)
+    def cell_update(zi, zf, zc, zo, bb, j, s, t, G, bias, hin, hout, c, ylast, out, mask,
+                    has_mask, zofm, ret_seq, act, ract):
+        # Row bb, unit j of step s (input time t) from the recurrent sums zi, zf, zc, zo
+        # (hin U, gate order i, f, c, o): adds G[bb, t] + bias; a masked step keeps h and
+        # c and outputs the last output (zero with zofm).  Writes c, hout, ylast and,
+        # with ret_seq, out[bb, s].
+        H = hin.shape[1]
+        on = True
+        if has_mask != 0:
+            on = mask[bb, t] != 0
+        if on:
+            ig = act_fn(ract, zi + (G[bb, t, j] + bias[j]))
+            fg = act_fn(ract, zf + (G[bb, t, H + j] + bias[H + j]))
+            og = act_fn(ract, zo + (G[bb, t, 3 * H + j] + bias[3 * H + j]))
+            cn = fg * c[bb, j] + ig * act_fn(act, zc + (G[bb, t, 2 * H + j]
+                                                        + bias[2 * H + j]))
+            hn = og * act_fn(act, cn)
+            c[bb, j] = cn
+            hout[bb, j] = hn
+            y = hn
+        else:
+            hout[bb, j] = hin[bb, j]
+            if zofm != 0:
+                y = ZERO
+            else:
+                y = ylast[bb, j]
+        ylast[bb, j] = y
+        if ret_seq != 0:
+            out[bb, s, j] = y
+
+    @cuda.jit(device=True)
     def cell_step(s, t, G, bias, Uc, ldu, gstride, uoff, hin, hout, c, ylast, out, mask,
                   j0, nu, b0, b1, KS, red, has_mask, zofm, ret_seq, act, ract):
         # One time step for units j0..j0+nu-1 and batch rows b0..b1-1.
@@ -404,31 +442,9 @@ def lstm_kernels(np_dtype, rbb):
                 for r in range(RBB):
                     bb = bb0 + r
                     if bb < b1:
-                        on = True
-                        if has_mask != 0:
-                            on = mask[bb, t] != 0
-                        if on:
-                            zi = acc[0, r] + (G[bb, t, j] + bias[j])
-                            zf = acc[1, r] + (G[bb, t, H + j] + bias[H + j])
-                            zc = acc[2, r] + (G[bb, t, 2 * H + j] + bias[2 * H + j])
-                            zo = acc[3, r] + (G[bb, t, 3 * H + j] + bias[3 * H + j])
-                            ig = act_fn(ract, zi)
-                            fg = act_fn(ract, zf)
-                            og = act_fn(ract, zo)
-                            cn = fg * c[bb, j] + ig * act_fn(act, zc)
-                            hn = og * act_fn(act, cn)
-                            c[bb, j] = cn
-                            hout[bb, j] = hn
-                            y = hn
-                        else:
-                            hout[bb, j] = hin[bb, j]
-                            if zofm != 0:
-                                y = ZERO
-                            else:
-                                y = ylast[bb, j]
-                        ylast[bb, j] = y
-                        if ret_seq != 0:
-                            out[bb, s, j] = y
+                        cell_update(acc[0, r], acc[1, r], acc[2, r], acc[3, r], bb, j, s,
+                                    t, G, bias, hin, hout, c, ylast, out, mask, has_mask,
+                                    zofm, ret_seq, act, ract)
 
     @cuda.jit(device=True)
     def load_inputs(G, bias, mask, t, j, bb0, H, has_mask, zin, mon):
@@ -636,6 +652,24 @@ def lstm_kernels(np_dtype, rbb):
         cell_step(s, t, G, bias, Ut1, H, H, j0, hin, hout, c, ylast, out, mask,
                   j0, nu, b0, b1, KS, red, has_mask, zofm, ret_seq, act, ract)
 
+    def cell_gemm(zu, G, bias, hin, hout, c, ylast, out, mask, s, t, has_mask, zofm,
+                  ret_seq, act, ract):
+        # One step after its recurrent product zu = hin U (a cuBLAS GEMM per step, mode
+        # "gemm"): one thread per (row, unit), 1-D grid-stride loop.
+        # zu: [B, 4H]; G: [B, T, 4H] input projection x@W (no bias); bias: [4H];
+        # hin, hout, c, ylast: [B, H]; out: [B, T, H] (or dummy); mask: [B, T] uint8.
+        H = hin.shape[1]
+        n = hin.shape[0] * H
+        k = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while k < n:
+            bb = k // H
+            j = k - bb * H
+            cell_update(zu[bb, j], zu[bb, H + j], zu[bb, 2 * H + j], zu[bb, 3 * H + j], bb,
+                        j, s, t, G, bias, hin, hout, c, ylast, out, mask, has_mask, zofm,
+                        ret_seq, act, ract)
+            k += stride
+
     def transpose(A, AT):
         # A: [R, C] -> AT: [C, R]; 1-D grid-stride loop over the elements of AT.
         R = A.shape[0]
@@ -650,6 +684,6 @@ def lstm_kernels(np_dtype, rbb):
             i += stride
 
     ks = LSTMKernels(np_dtype, RBB, lstm_persistent, lstm_step, init_state, transpose,
-                     signatures(np_dtype))
+                     signatures(np_dtype), cell_gemm)
     _CACHE[key] = ks
     return ks
