@@ -7,6 +7,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+# old/: an earlier checkout's fastseq/ for bench/gpu_session.sh's A/B
+grep -qx '/old/' .git/info/exclude 2>/dev/null || echo '/old/' >> .git/info/exclude
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl numpy==2.4.6
