@@ -628,7 +628,11 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert rep["training"][0]["t_bwd_recurrence_global_ms"] > 0
     assert rep["training"][0]["t_fastseq_vjp_auto_ms"] > 0
     assert rep["training"][0]["t_fastseq_vjp_stepwise_ms"] > 0
+    assert rep["training"][0]["t_fastseq_bwd_auto_ms"] > 0
     assert [r["path_auto"] for r in rep["training"][:4]] == ["persistent"] * 4
     assert "| B | H | kernel |" in proc.stdout and "BPTT kernels" in proc.stdout
-    assert [r["what"] for r in rep["tuning"]] == ["lstm", "dense_softmax"]
+    assert [r["what"] for r in rep["tuning"]] == ["lstm", "lstm", "dense_softmax"]
     assert all(r["ms"] > 0 and "error" not in r for r in rep["tuning"]), rep["tuning"]
+    # the per-step GEMM mode ran and matched the default mode
+    gemm = rep["tuning"][1]
+    assert gemm["path"].startswith("gemm") and gemm["rel_err_vs_auto"] <= 1e-5, gemm
