@@ -844,22 +844,33 @@ def _gemm_steps(cuda, dt, weights, G3, st, out, maskd, flags, a_code, r_code):
     installed), then one ``cell_gemm`` launch.  st [4, B, H] holds the initial state."""
     B, T, G4 = (int(n) for n in G3.shape)
     H = G4 // 4
-    if _cupy() is not None:
-        U, tb = weights.Ut, True             # U^T [4H, H]; cuBLAS takes the transpose
-    else:
-        U, tb = _transpose_dev(cuda, weights.Ut), False
     zu = _empty(cuda, (B, G4), dt)
+    hv = (st[0], st[1])
+    cupy = _cupy()
+    if cupy is not None:
+        # CuPy views made once, outside the loop: U^T [4H, H] read transposed by cuBLAS
+        hc = (cupy.asarray(hv[0]), cupy.asarray(hv[1]))
+        Utc, zuc = _as_cupy(cupy, weights.Ut).T, cupy.asarray(zu)
+
+        def product(p):
+            cupy.matmul(hc[p], Utc, out=zuc)
+            LAUNCHES["cupy_gemm"] += 1
+    else:
+        U = _transpose_dev(cuda, weights.Ut)
+
+        def product(p):
+            _matmul(cuda, hv[p], U, zu)
     k, _ = _lstm_kernel(cuda, "cell_gemm", dt, 1)
     tpb, nb = _cell_grid(B * H)
-    hv = (st[0], st[1])
+    launch = k[nb, tpb]
     has_mask, gb = flags & 1, (flags >> 1) & 1
     zofm, rs = (flags >> 2) & 1, (flags >> 3) & 1
     for s in range(T):
         t = T - 1 - s if gb else s
         p = s % 2
-        _matmul(cuda, hv[p], U, zu, tb=tb)
-        k[nb, tpb](zu, G3, weights.b, hv[p], hv[1 - p], st[2], st[3], out, maskd, s, t,
-                   has_mask, zofm, rs, a_code, r_code)
+        product(p)
+        launch(zu, G3, weights.b, hv[p], hv[1 - p], st[2], st[3], out, maskd, s, t,
+               has_mask, zofm, rs, a_code, r_code)
     LAUNCHES["lstm_cell_gemm"] += T
 
 
