@@ -354,6 +354,15 @@ def lstm_kernels(np_dtype, rbb):
         cuda.syncthreads()
 
     @cuda.jit(device=True)
+    def gates(zi, zf, zc, zo, cp, act, ract):
+        # (c', h') of one unit from its four gate pre-activations and its cell state cp
+        ig = act_fn(ract, zi)
+        fg = act_fn(ract, zf)
+        og = act_fn(ract, zo)
+        cn = fg * cp + ig * act_fn(act, zc)
+        return cn, og * act_fn(act, cn)
+
+    @cuda.jit(device=True)
     def cell_update(zi, zf, zc, zo, bb, j, s, t, G, bias, hin, hout, c, ylast, out, mask,
                     has_mask, zofm, ret_seq, act, ract):
         # Row bb, unit j of step s (input time t) from the recurrent sums zi, zf, zc, zo
@@ -365,12 +374,9 @@ def lstm_kernels(np_dtype, rbb):
         if has_mask != 0:
             on = mask[bb, t] != 0
         if on:
-            ig = act_fn(ract, zi + (G[bb, t, j] + bias[j]))
-            fg = act_fn(ract, zf + (G[bb, t, H + j] + bias[H + j]))
-            og = act_fn(ract, zo + (G[bb, t, 3 * H + j] + bias[3 * H + j]))
-            cn = fg * c[bb, j] + ig * act_fn(act, zc + (G[bb, t, 2 * H + j]
-                                                        + bias[2 * H + j]))
-            hn = og * act_fn(act, cn)
+            cn, hn = gates(zi + (G[bb, t, j] + bias[j]), zf + (G[bb, t, H + j] + bias[H + j]),
+                           zc + (G[bb, t, 2 * H + j] + bias[2 * H + j]),
+                           zo + (G[bb, t, 3 * H + j] + bias[3 * H + j]), c[bb, j], act, ract)
             c[bb, j] = cn
             hout[bb, j] = hn
             y = hn
@@ -587,11 +593,9 @@ def lstm_kernels(np_dtype, rbb):
                             else:
                                 cp = c[bb, j]
                             if mon[r] != 0:
-                                ig = act_fn(ract, acc[0, r] + zin[0, r])
-                                fg = act_fn(ract, acc[1, r] + zin[1, r])
-                                og = act_fn(ract, acc[3, r] + zin[3, r])
-                                cn = fg * cp + ig * act_fn(act, acc[2, r] + zin[2, r])
-                                hn = og * act_fn(act, cn)
+                                cn, hn = gates(acc[0, r] + zin[0, r], acc[1, r] + zin[1, r],
+                                               acc[2, r] + zin[2, r], acc[3, r] + zin[3, r],
+                                               cp, act, ract)
                                 if keep:
                                     creg[r] = cn
                                 else:
