@@ -525,6 +525,9 @@ else:
     call = lambda: model.predict(ids)
     name = "post_table_job"
 want = call()
+# on a cold compile cache the worker compiles its loop for seconds after the first
+# call; until it runs, every call runs alone and nothing is posted
+assert _threads.wait_for_workers(timeout=300), "the worker thread never ran its loop"
 for _ in range(30):
     call()
 real = getattr(kw, name)
