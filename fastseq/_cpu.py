@@ -238,8 +238,8 @@ def table_dense_pair(ids, m8, parts, bd, activation):
                      np.zeros((B, H), dt), np.zeros(B, np.uint8), reverse, flip_out,
                      zero_output, act, rec, np.empty(B * Tc, np.int64),
                      np.empty(B * Tc, np.uint8),
-                     np.empty((Ub.shape[0], B, Ub.shape[2]), dt), np.empty(G, dt),
-                     np.empty(B * Tc * H, dt), np.empty((B, T, K), dt)))
+                     np.empty((B, G), dt), np.empty(B * Tc * H, dt),
+                     np.empty((B, T, K), dt)))
         macs = max(macs, B * T * (H * G + H * K))
     if _threads.get_num_threads() < 2 or macs < config.MIN_MACS_PER_THREAD:
         for job in jobs:
@@ -321,9 +321,7 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
     in_kernel = (xin is not None and table is None and not use_gemm
                  and rows >= config.XPROJ_MIN_ROWS)
     write = out is not None
-    zu = np.empty((rows, G), dt)
-    z3 = zu.reshape(Ub.shape[0], rows, Ub.shape[2])   # the fused kernel's blocked view
-    zrow = np.empty(G, dt)
+    zu = np.empty((rows, G), dt)      # pre-activations of a step (both paths)
     # flat buffers sized for a full chunk; a shorter last chunk uses their heads, which
     # are contiguous too (nothing is reallocated)
     if in_kernel:
@@ -380,11 +378,10 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
         elif in_kernel:
             x2, Wb, reverse = xin
             lstm_cpu.lstm_chunk_xfused(x2[lo:hi], D, s0, T, reverse, Wb, Ub, b, hb, cb,
-                                       sb, mc, z3, zrow, oc, write, zero_output, act,
-                                       rec)
+                                       sb, mc, zu, oc, write, zero_output, act, rec)
         else:
-            lstm_cpu.lstm_chunk_fused(src, idx, Ub, b, hb, cb, sb, mc, z3, zrow, oc,
-                                      write, zero_output, act, rec)
+            lstm_cpu.lstm_chunk_fused(src, idx, Ub, b, hb, cb, sb, mc, zu, oc, write,
+                                      zero_output, act, rec)
         if ep is not None:
             np.matmul(hseq.reshape(rows * n, H), ep[0], out=ybuf)
             dense_cpu.bias_act_rows(ybuf, ep[1], ep[2])

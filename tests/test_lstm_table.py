@@ -55,9 +55,8 @@ def _job(rng, B=6, T=11, V=13, E=3, H=5, K=4, dtype=np.float32, reverse=False,
     args = (table, ids.astype(np.int64), mask.view(np.uint8), Ub, bc, WdT,
             np.zeros((B, H), dtype), np.zeros((B, H), dtype), np.zeros(B, np.uint8),
             reverse, flip, zero_output, act, rec, np.empty(B * Tc, np.int64),
-            np.empty(B * Tc, np.uint8), np.empty((Ub.shape[0], B, Ub.shape[2]), dtype),
-            np.empty(G, dtype), np.empty(B * Tc * H, dtype),
-            np.full((B, T, K), np.nan, dtype))
+            np.empty(B * Tc, np.uint8), np.empty((B, G), dtype),
+            np.empty(B * Tc * H, dtype), np.full((B, T, K), np.nan, dtype))
     if state:
         return args, want, (h, c)
     return args, want

@@ -76,18 +76,18 @@ def _emit(out, b, s, hrow, H, write, on, seen_b, zero_output):
 
 
 @njit(**NJIT_INLINE_OPTS)
-def _product_masked(A, ak, K, Bk, zb, mask, s):
-    """zb[r] += A[r, ak:ak+K] @ Bk for the rows r unmasked at chunk step s, in the
-    register tiles of ``tile_cpu``: column ranges of 4 vectors outer, row groups
+def _product_masked(A, ak, K, Bk, z, j0, mask, s):
+    """z[r, j0:j0+JB] += A[r, ak:ak+K] @ Bk for the rows r unmasked at chunk step s, in
+    the register tiles of ``tile_cpu``: column ranges of 4 vectors outer, row groups
     inner, so a range's rows of Bk are read from cache by every group in turn; a group
     of four rows all masked at the step (padding) is skipped.
 
-    A: [Bp, >=ak+K];  Bk: [K, JB];  zb: [Bp, JB];  mask: [Bp, Tc]
+    A: [Bp, >=ak+K];  Bk: [K, JB];  z: [Bp, >=j0+JB];  mask: [Bp, Tc]
     """
-    Bp = zb.shape[0]
-    JB = zb.shape[1]
+    Bp = z.shape[0]
+    JB = Bk.shape[1]
     R4 = Bp - Bp % 4
-    V = vector_width(zb)
+    V = vector_width(z)
     W = 4 * V
     JV = JB - JB % V
     for q0 in range(0, JV, W):
@@ -96,50 +96,34 @@ def _product_masked(A, ak, K, Bk, zb, mask, s):
             if (mask[r, s] == 0 and mask[r + 1, s] == 0 and mask[r + 2, s] == 0
                     and mask[r + 3, s] == 0):
                 continue    # padding: all four rows masked at this step
-            tile_rows4(A, r, ak, K, Bk, zb, q0, q1)
+            tile_rows4(A, r, ak, K, Bk, z, q0, q1, j0)
         for r in range(R4, Bp):
             if mask[r, s] != 0:
-                tile_row1(A, r, ak, K, Bk, zb, q0, q1)
+                tile_row1(A, r, ak, K, Bk, z, q0, q1, j0)
     if JV < JB:
         for r in range(Bp):
             if mask[r, s] != 0:
-                scalar_cols(A, r, ak, K, Bk, zb, JV, JB)
+                scalar_cols(A, r, ak, K, Bk, z, JV, JB, j0)
 
 
 @njit(**NJIT_INLINE_OPTS)
-def _gates_step(z3, zrow, h, c, seen, mask, s, out, write_out, zero_output, act, rec):
-    """Gates, state update and outputs of every row at chunk step s, from the blocked
-    pre-activations z3 [nb, Bp, JB] (read in place when there is one block, or when
-    JB divides H; else each row is gathered into zrow first)."""
-    nb, Bp, JB = z3.shape
+def _gates_step(z, h, c, seen, mask, s, out, write_out, zero_output, act, rec):
+    """Gates, state update and outputs of every row at chunk step s, from the
+    pre-activations z [Bp, 4H] (each row's gates contiguous: the gate loops run over
+    all H units at once)."""
+    Bp = z.shape[0]
     H = h.shape[1]
     for r in range(Bp):
         on = mask[r, s] != 0
         if on:
-            if nb == 1:
-                _cell_row(z3[0, r], h[r], c[r], H, act, rec)
-            elif H % JB == 0:
-                # each gate's units u0:u0+JB lie in one block: read them in place
-                hr = h[r]
-                cr = c[r]
-                for u0 in range(0, H, JB):
-                    _cell_gates(z3[u0 // JB, r], z3[(H + u0) // JB, r],
-                                z3[(2 * H + u0) // JB, r], z3[(3 * H + u0) // JB, r],
-                                hr[u0:u0 + JB], cr[u0:u0 + JB], JB, act, rec)
-            else:
-                for blk in range(nb):
-                    zr = z3[blk, r]
-                    j0 = blk * JB
-                    for j in range(JB):
-                        zrow[j0 + j] = zr[j]
-                _cell_row(zrow, h[r], c[r], H, act, rec)
+            _cell_row(z[r], h[r], c[r], H, act, rec)
             seen[r] = 1
         _emit(out, r, s, h[r], H, write_out, on, seen[r] != 0, zero_output)
 
 
 @njit(**NJIT_OPTS)
-def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out,
-                     zero_output, act, rec):
+def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z, out, write_out, zero_output,
+                     act, rec):
     """Run the recurrence over one chunk of steps for a block of rows (one thread),
     the product h U computed here (no BLAS call, no Python between steps).
 
@@ -154,8 +138,8 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out
     h, c: [Bp, H] state of the rows, updated in place
     seen: [Bp] uint8, updated in place (row has had an unmasked step)
     mask: [Bp, Tc] uint8 (1 = step is computed); all ones when there is no mask
-    z3:   [nb, Bp, JB] scratch for the pre-activations, blocked like Ub
-    zrow: [4H] scratch: one row's pre-activations gathered for the gates (nb > 1)
+    z:    [Bp, 4H] scratch for the pre-activations (block k of Ub adds into columns
+          k * JB : (k + 1) * JB)
     out:  [Bp, Tc, H] outputs of the chunk (written when write_out)
 
     z += h U runs in the register tiles of ``tile_cpu`` (4 rows x 4 vectors of z held
@@ -164,28 +148,31 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z3, zrow, out, write_out
     loaded and stored z for every four terms (1.2x faster from 32 rows up,
     bench/gemm_rates.py).  A group of rows all masked at a step skips the product: a
     masked row's z is never used.
+
+    z is row-major over all 4H columns, not blocked like Ub, so that the gate loops
+    run over whole rows (H units at once): with z in blocks of JB = 64 the gates ran
+    once per block, and the kernel of C2's per-thread share (16 rows, D = 128,
+    H = 256) took 4-5% longer (scratch A/B, one process).
     """
     Bp, Tc = idx.shape
     nb, H, JB = Ub.shape
+    G = 4 * H
     for s in range(Tc):
+        for r in range(Bp):
+            if mask[r, s] == 0:
+                continue        # a masked row's z is not used
+            zr = z[r]
+            xr = src[idx[r, s]]
+            for j in range(G):
+                zr[j] = xr[j] + b[j]
         for blk in range(nb):
-            zb = z3[blk]
-            j0 = blk * JB
-            bb = b[j0:j0 + JB]
-            for r in range(Bp):
-                if mask[r, s] == 0:
-                    continue        # a masked row's z is not used
-                zr = zb[r]
-                xr = src[idx[r, s], j0:j0 + JB]
-                for j in range(JB):
-                    zr[j] = xr[j] + bb[j]
-            _product_masked(h, 0, H, Ub[blk], zb, mask, s)
+            _product_masked(h, 0, H, Ub[blk], z, blk * JB, mask, s)
         # gates and state update (every row read h above before any row writes it)
-        _gates_step(z3, zrow, h, c, seen, mask, s, out, write_out, zero_output, act, rec)
+        _gates_step(z, h, c, seen, mask, s, out, write_out, zero_output, act, rec)
 
 
 @njit(**NJIT_OPTS)
-def lstm_chunk_xfused(x2, D, t0, T, reverse, Wb, Ub, b, h, c, seen, mask, z3, zrow, out,
+def lstm_chunk_xfused(x2, D, t0, T, reverse, Wb, Ub, b, h, c, seen, mask, z, out,
                       write_out, zero_output, act, rec):
     """As ``lstm_chunk_fused``, with the input projection computed here too, step by
     step: z = b + x_t W + h U, both products in the register tiles.  No buffer of
@@ -206,22 +193,20 @@ def lstm_chunk_xfused(x2, D, t0, T, reverse, Wb, Ub, b, h, c, seen, mask, z3, zr
     """
     Bp, Tc = mask.shape
     nb, H, JB = Ub.shape
+    G = 4 * H
     for s in range(Tc):
         p = t0 + s
         t = T - 1 - p if reverse else p
+        for r in range(Bp):
+            if mask[r, s] == 0:
+                continue
+            zr = z[r]
+            for j in range(G):
+                zr[j] = b[j]
         for blk in range(nb):
-            zb = z3[blk]
-            j0 = blk * JB
-            bb = b[j0:j0 + JB]
-            for r in range(Bp):
-                if mask[r, s] == 0:
-                    continue
-                zr = zb[r]
-                for j in range(JB):
-                    zr[j] = bb[j]
-            _product_masked(x2, t * D, D, Wb[blk], zb, mask, s)
-            _product_masked(h, 0, H, Ub[blk], zb, mask, s)
-        _gates_step(z3, zrow, h, c, seen, mask, s, out, write_out, zero_output, act, rec)
+            _product_masked(x2, t * D, D, Wb[blk], z, blk * JB, mask, s)
+            _product_masked(h, 0, H, Ub[blk], z, blk * JB, mask, s)
+        _gates_step(z, h, c, seen, mask, s, out, write_out, zero_output, act, rec)
 
 
 @njit(**NJIT_OPTS)

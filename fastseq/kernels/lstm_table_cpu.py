@@ -52,7 +52,7 @@ def _dense1(h0, WdT, y0):
 
 @njit(**NJIT_OPTS)
 def lstm_table_dense(table, ids, mask, Ub, b, WdT, h, c, seen, reverse, flip_out,
-                     zero_output, act, rec, idx_buf, mask_buf, z3, zrow, hseq_buf, out):
+                     zero_output, act, rec, idx_buf, mask_buf, z, hseq_buf, out):
     """Run one LSTM direction over the batch and write its Dense partial logits.
 
     table:    [V, 4H] embeddings @ W (Keras gate order i, f, c, o)
@@ -68,7 +68,7 @@ def lstm_table_dense(table, ids, mask, Ub, b, WdT, h, c, seen, reverse, flip_out
               merge; with ``reverse`` each output lands at its input time)
     idx_buf:  [B * Tc] int64, mask_buf: [B * Tc] uint8, hseq_buf: [B * Tc * H]: scratch
               for one chunk of Tc steps (Tc = len(idx_buf) // B)
-    z3:       [nb, B, JB] scratch; zrow: [4H] scratch
+    z:        [B, 4H] scratch
     out:      [B, T, K] <- h Wd of each step at its position (no bias, no activation)
     """
     B, T = ids.shape
@@ -84,7 +84,7 @@ def lstm_table_dense(table, ids, mask, Ub, b, WdT, h, c, seen, reverse, flip_out
                 idx[r, s] = ids[r, t]
                 mc[r, s] = mask[r, t]
         hseq = hseq_buf[:B * n * H].reshape((B, n, H))
-        lstm_chunk_fused(table, idx, Ub, b, h, c, seen, mc, z3, zrow, hseq, True,
+        lstm_chunk_fused(table, idx, Ub, b, h, c, seen, mc, z, hseq, True,
                          zero_output, act, rec)
         for r in range(B):
             s = 0

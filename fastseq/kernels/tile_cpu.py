@@ -165,44 +165,45 @@ def vector_width(A):
 
 
 @njit(**NJIT_INLINE_OPTS)
-def tile_rows4(A, r, ak, K, B, C, j_lo, j_hi):
-    """C[r:r+4, j_lo:j_hi] += A[r:r+4, ak:ak+K] @ B[:K, j_lo:j_hi] with tiles (j_hi - j_lo
-    a multiple of the vector width V): 4 x 4 tiles, then 4 x 1.
+def tile_rows4(A, r, ak, K, B, C, j_lo, j_hi, c_off):
+    """C[r:r+4, c_off+j_lo:c_off+j_hi] += A[r:r+4, ak:ak+K] @ B[:K, j_lo:j_hi] with tiles
+    (j_hi - j_lo a multiple of the vector width V): 4 x 4 tiles, then 4 x 1.
 
-    A: [M, >=ak+K];  B: [>=K, N];  C: [M, N]  (all C-contiguous, same float dtype)
+    A: [M, >=ak+K];  B: [>=K, N];  C: [M, >=c_off+N]  (all C-contiguous, same float
+    dtype)
     """
     V = vector_width(A)
     j = j_lo
     while j + 4 * V <= j_hi:
-        tile_4x4(A, r, ak, B, j, C, r, j, K)
+        tile_4x4(A, r, ak, B, j, C, r, c_off + j, K)
         j += 4 * V
     while j < j_hi:
-        tile_4x1(A, r, ak, B, j, C, r, j, K)
+        tile_4x1(A, r, ak, B, j, C, r, c_off + j, K)
         j += V
 
 
 @njit(**NJIT_INLINE_OPTS)
-def tile_row1(A, r, ak, K, B, C, j_lo, j_hi):
+def tile_row1(A, r, ak, K, B, C, j_lo, j_hi, c_off):
     """As tile_rows4 for the single row r."""
     V = vector_width(A)
     j = j_lo
     while j + 4 * V <= j_hi:
-        tile_1x4(A, r, ak, B, j, C, r, j, K)
+        tile_1x4(A, r, ak, B, j, C, r, c_off + j, K)
         j += 4 * V
     while j < j_hi:
-        tile_1x1(A, r, ak, B, j, C, r, j, K)
+        tile_1x1(A, r, ak, B, j, C, r, c_off + j, K)
         j += V
 
 
 @njit(**NJIT_INLINE_OPTS)
-def scalar_cols(A, r, ak, K, B, C, j_lo, j_hi):
-    """C[r, j_lo:j_hi] += A[r, ak:ak+K] @ B[:K, j_lo:j_hi] in plain loops (the columns
-    past the last whole vector)."""
+def scalar_cols(A, r, ak, K, B, C, j_lo, j_hi, c_off):
+    """C[r, c_off+j_lo:c_off+j_hi] += A[r, ak:ak+K] @ B[:K, j_lo:j_hi] in plain loops
+    (the columns past the last whole vector)."""
     for j in range(j_lo, j_hi):
-        s = C[r, j]
+        s = C[r, c_off + j]
         for k in range(K):
             s += A[r, ak + k] * B[k, j]
-        C[r, j] = s
+        C[r, c_off + j] = s
 
 
 @njit(**NJIT_INLINE_OPTS)
@@ -222,9 +223,9 @@ def gemm_rows_acc(A, n, B, C):
     for j0 in range(0, NV, W):
         j1 = min(j0 + W, NV)
         for r in range(0, R4, 4):
-            tile_rows4(A, r, 0, K, B, C, j0, j1)
+            tile_rows4(A, r, 0, K, B, C, j0, j1, 0)
         for r in range(R4, n):
-            tile_row1(A, r, 0, K, B, C, j0, j1)
+            tile_row1(A, r, 0, K, B, C, j0, j1, 0)
     if NV < N:
         for r in range(n):
-            scalar_cols(A, r, 0, K, B, C, NV, N)
+            scalar_cols(A, r, 0, K, B, C, NV, N, 0)

@@ -84,7 +84,7 @@ def post_split_job(mb, seq, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, 
 
 @njit(**NJIT_OPTS)
 def post_table_job(mb, seq, table, ids, mask, Ub, b, WdT, h, c, seen, reverse, flip_out,
-                   zero_output, act, rec, idx_buf, mask_buf, z3, zrow, hseq_buf, out):
+                   zero_output, act, rec, idx_buf, mask_buf, z, hseq_buf, out):
     """Post a ``lstm_table_dense`` call (its arguments) as job ``seq``; the arrays must
     stay alive as for ``post_split_job``."""
     _put(mb, 0, table)
@@ -98,10 +98,9 @@ def post_table_job(mb, seq, table, ids, mask, Ub, b, WdT, h, c, seen, reverse, f
     _put(mb, 8, seen)
     _put(mb, 9, idx_buf)
     _put(mb, 10, mask_buf)
-    _put(mb, 11, z3)
-    _put(mb, 12, zrow)
-    _put(mb, 13, hseq_buf)
-    _put(mb, 14, out)
+    _put(mb, 11, z)
+    _put(mb, 12, hseq_buf)
+    _put(mb, 13, out)
     o = MB_SCALARS
     mb[o] = 1 if reverse else 0
     mb[o + 1] = 1 if flip_out else 0
@@ -147,7 +146,7 @@ def _run_posted(mb, dt):
             _arr3(mb, 3, dt), _arr1(mb, 4, dt), _arr2(mb, 5, dt), _arr2(mb, 6, dt),
             _arr2(mb, 7, dt), _arr1(mb, 8, np.uint8), mb[o] != 0, mb[o + 1] != 0,
             mb[o + 2] != 0, mb[o + 3], mb[o + 4], _arr1(mb, 9, np.int64), _arr1(mb, 10, np.uint8),
-            _arr3(mb, 11, dt), _arr1(mb, 12, dt), _arr1(mb, 13, dt), _arr3(mb, 14, dt))
+            _arr2(mb, 11, dt), _arr1(mb, 12, dt), _arr3(mb, 13, dt))
 
 
 @njit(**NJIT_OPTS)
