@@ -114,3 +114,7 @@ DENSE_CHUNK_ROWS = 512
 # leaves the other core free).  A machine with more memory bandwidth per core may gain
 # from a smaller value.
 OPTIMIZER_MIN_ITEMS_PER_THREAD = 32_000_000
+# With two threads, an optimizer step that has row-sparse gradients (an Embedding's)
+# runs the dense variables' updates on a second thread meanwhile, when they hold at
+# least this many elements in all (optimizers._split_beside).
+OPTIMIZER_BESIDE_MIN_ITEMS = 100_000

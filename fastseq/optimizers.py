@@ -19,6 +19,7 @@ the summed dense gradient).  The update uses the dense sum of the rows, except A
 second moment: Keras on TensorFlow squares IndexedSlices row by row, so ``v`` receives
 the sum of the squared rows of each index (not the square of their sum).
 """
+import concurrent.futures
 import numbers
 import os
 
@@ -211,12 +212,38 @@ def _adam_rows_kernel(w, m, v, vhat, slot, gsum, g2sum, zeros, lo, hi, c1, c2, a
 
 
 _POOL = None
+_SIDE = None
 
 
 def _forget_pool():
     """In a forked child: the parent's pool threads do not exist there."""
-    global _POOL
+    global _POOL, _SIDE
     _POOL = None
+    _SIDE = None
+
+
+def _side_executor():
+    """The one-thread executor that runs the dense variables' updates beside the
+    row-sparse ones (``_split_beside``)."""
+    global _SIDE
+    if _SIDE is None:
+        _SIDE = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastseq-opt1")
+    return _SIDE
+
+
+def _split_beside(work):
+    """(beside, here): the (i, g, v) updates to run on another thread and the ones to
+    run on this thread.  With two threads allowed, a step that has both row-sparse
+    gradients (an Embedding's) and dense ones of at least
+    config.OPTIMIZER_BESIDE_MIN_ITEMS elements in all runs the dense ones beside: the
+    row-sparse update of a large embedding streams its weight and both moments through
+    memory, which the dense updates (small, mostly in cache) then overlap."""
+    from ._threads import get_num_threads
+    dense = [u for u in work if not isinstance(u[1], SparseRows)]
+    if (len(dense) == len(work) or not dense or get_num_threads() < 2
+            or sum(u[2].size for u in dense) < config.OPTIMIZER_BESIDE_MIN_ITEMS):
+        return [], work
+    return dense, [u for u in work if isinstance(u[1], SparseRows)]
 
 
 os.register_at_fork(after_in_child=_forget_pool)
@@ -235,7 +262,6 @@ def _parallel(fn, n_items, min_items=None):
         fn(0, n_items)
         return
     if _POOL is None or _POOL._max_workers < n:
-        import concurrent.futures
         _POOL = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="fastseq-opt")
     futs = [_POOL.submit(fn, i * n_items // n, (i + 1) * n_items // n) for i in range(n)]
     for f in futs:
@@ -314,8 +340,22 @@ class Optimizer:
                 lr = _cast(self.learning_rate, v.dtype)
                 v -= v * wd * lr
         step = self.iterations + 1
-        for i, g, v in zip(idx, gs, vs):
-            self._update(i, g, v, step)
+        beside, here = _split_beside(list(zip(idx, gs, vs)))
+        fut = None
+        if beside:
+            # the dense variables' updates on another thread while this one updates the
+            # row-sparse ones: each variable's update is independent of the others
+            fut = _side_executor().submit(
+                lambda: [self._update(i, g, v, step) for i, g, v in beside])
+        try:
+            for i, g, v in here:
+                self._update(i, g, v, step)
+        finally:
+            if fut is not None:
+                # never return (nor unwind) while the other thread still writes
+                concurrent.futures.wait([fut])
+        if fut is not None:
+            fut.result()
         self.iterations += 1
 
     def get_config(self):

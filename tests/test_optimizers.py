@@ -201,6 +201,81 @@ def test_adam_on_several_threads_equals_one_thread(monkeypatch):
     for a, b in zip(several, one):
         np.testing.assert_array_equal(a, b)
 
+@pytest.mark.parametrize("make", [lambda: optimizers.Adam(0.01),
+                                  lambda: optimizers.Adam(0.01, amsgrad=True, clipnorm=0.5),
+                                  lambda: optimizers.SGD(0.1, momentum=0.9)])
+def test_dense_updates_beside_the_row_updates_equal_one_thread(monkeypatch, make):
+    """With two threads, a step with a row-sparse gradient runs the dense variables'
+    updates on a second thread meanwhile (optimizers._split_beside); the weights are
+    bit for bit those of the one-thread order, and the dense updates did run there."""
+    import threading
+    from fastseq import config
+    if fastseq.get_num_threads() < 2:
+        pytest.skip("needs two threads for fastseq (NUMBA_NUM_THREADS >= 2); CI has two")
+    rng = np.random.default_rng(8)
+    V, E = 40, 6
+    w0 = [rng.standard_normal((V, E)).astype(np.float32),
+          rng.standard_normal((9, 13)).astype(np.float32),
+          rng.standard_normal(13).astype(np.float32)]
+    grads = [[SparseRows(rng.integers(0, V, 10),
+                         rng.standard_normal((10, E)).astype(np.float32), (V, E)),
+              rng.standard_normal((9, 13)).astype(np.float32),
+              rng.standard_normal(13).astype(np.float32)] for _ in range(4)]
+    where = []
+    cls = type(make())
+    real = cls._update
+
+    def spy(self, i, g, v, step):
+        where.append((i, threading.current_thread() is threading.main_thread()))
+        return real(self, i, g, v, step)
+    monkeypatch.setattr(cls, "_update", spy)
+
+    def run(min_items):
+        monkeypatch.setattr(config, "OPTIMIZER_BESIDE_MIN_ITEMS", min_items)
+        ws, opt = [w.copy() for w in w0], make()
+        for g in grads:
+            opt.apply(g, ws)
+        assert opt.iterations == len(grads)
+        return ws
+
+    one = run(10 ** 12)
+    assert all(main for _, main in where)
+    where.clear()
+    beside = run(1)
+    assert sorted(set(where)) == [(0, True), (1, False), (2, False)]
+    for a, b in zip(beside, one):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_error_beside_is_raised_after_both_threads_finish(monkeypatch):
+    """A dense update that fails on the second thread raises from apply, once the
+    row-sparse update on this thread is done too; the step is not counted."""
+    from fastseq import config
+    if fastseq.get_num_threads() < 2:
+        pytest.skip("needs two threads for fastseq (NUMBA_NUM_THREADS >= 2); CI has two")
+    monkeypatch.setattr(config, "OPTIMIZER_BESIDE_MIN_ITEMS", 1)
+    rng = np.random.default_rng(9)
+    ws = [rng.standard_normal((20, 4)).astype(np.float32),
+          rng.standard_normal((5, 3)).astype(np.float32)]
+    g = [SparseRows([1, 2], np.ones((2, 4), np.float32), (20, 4)),
+         np.ones((5, 3), np.float32)]
+    opt = optimizers.Adam(0.01)
+    real = optimizers.Adam._update
+    done = []
+
+    def update(self, i, gi, v, step):
+        if i == 1:
+            raise RuntimeError("dense update failed")
+        real(self, i, gi, v, step)
+        done.append(i)
+    monkeypatch.setattr(optimizers.Adam, "_update", update)
+    before = ws[0].copy()
+    with pytest.raises(RuntimeError, match="dense update failed"):
+        opt.apply(g, ws)
+    assert done == [0] and not np.array_equal(ws[0], before)
+    assert opt.iterations == 0
+
+
 def test_sparse_rows_to_dense():
     sr = SparseRows([1, 1, 3], np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), (4, 2))
     np.testing.assert_array_equal(sr.to_dense(), [[0, 0], [4, 6], [0, 0], [5, 6]])
