@@ -19,6 +19,8 @@ SHAPES = [
     (4, 1, 64),        # K = 1
     (3, 5, 17),        # rows below one group, columns below and past one vector
     (1, 128, 512),     # a single row (the B = 1 path)
+    (5, 37, 467),      # a leftover row through every row tile (1 x 16, 8, 4, 1) and
+                       # the scalar columns
     (5, 0, 40),        # K = 0: C unchanged
     (9, 33, 5),        # N below one vector: scalar columns only
 ]

@@ -15,6 +15,10 @@ no [B, T, 4H] buffer exists.  With a Dense epilogue the chunk's outputs go to a 
 [B, Tc, H] buffer; after a barrier each part applies the Dense (+ activation) to half
 of the chunk's rows, then a second barrier protects the buffer until both are done.
 
+The products (each step's h U, the chunk's projection, the Dense) run in the register
+tiles of ``tile_cpu``; at batch 1 a step's h U is one row through the wide row tiles, a
+single stream through the packed half of U.
+
 The same kernel runs alone (``nparts`` = 1, units [0, H)) when the partner thread did
 not start in time (``sync_cpu.claim``).  Masking as in ``lstm_cpu``.
 """
@@ -24,96 +28,10 @@ from numba import njit
 from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
 from .dense_cpu import bias_act_rows
 from .lstm_cpu import _cell_row
-from .sync_cpu import barrier, claim, wait_at_least
+from .sync_cpu import barrier, claim
+from .tile_cpu import gemm_rows_acc
 
 OUT_NONE, OUT_SEQUENCE, OUT_EPILOGUE = 0, 1, 2
-
-
-@njit(**NJIT_INLINE_OPTS)
-def _gemm_acc(A, Bm, Z):
-    """Z += A Bm.
-
-    A:  [M, Kd]
-    Bm: [Kd, n], C-contiguous (rows are contiguous, so the j loops vectorise)
-    Z:  [M, n]
-    Rows four at a time with k unrolled by four, the loops of
-    ``lstm_cpu.lstm_chunk_fused`` (which keeps them inline: calling this function from
-    there made it 20-30% slower, bench/gemm_rates.py).
-    """
-    M, n = Z.shape
-    Kd = A.shape[1]
-    M4 = M - M % 4
-    for m in range(0, M4, 4):
-        z0r = Z[m]
-        z1r = Z[m + 1]
-        z2r = Z[m + 2]
-        z3r = Z[m + 3]
-        k = 0
-        while k + 4 <= Kd:
-            a_0 = A[m, k]
-            a_1 = A[m + 1, k]
-            a_2 = A[m + 2, k]
-            a_3 = A[m + 3, k]
-            e0 = A[m, k + 1]
-            e1 = A[m + 1, k + 1]
-            e2 = A[m + 2, k + 1]
-            e3 = A[m + 3, k + 1]
-            f0 = A[m, k + 2]
-            f1 = A[m + 1, k + 2]
-            f2 = A[m + 2, k + 2]
-            f3 = A[m + 3, k + 2]
-            g0 = A[m, k + 3]
-            g1 = A[m + 1, k + 3]
-            g2 = A[m + 2, k + 3]
-            g3 = A[m + 3, k + 3]
-            b0 = Bm[k]
-            b1 = Bm[k + 1]
-            b2 = Bm[k + 2]
-            b3 = Bm[k + 3]
-            for j in range(n):
-                p = b0[j]
-                q = b1[j]
-                v = b2[j]
-                w = b3[j]
-                z0r[j] += (a_0 * p + e0 * q) + (f0 * v + g0 * w)
-                z1r[j] += (a_1 * p + e1 * q) + (f1 * v + g1 * w)
-                z2r[j] += (a_2 * p + e2 * q) + (f2 * v + g2 * w)
-                z3r[j] += (a_3 * p + e3 * q) + (f3 * v + g3 * w)
-            k += 4
-        while k < Kd:
-            a_0 = A[m, k]
-            a_1 = A[m + 1, k]
-            a_2 = A[m + 2, k]
-            a_3 = A[m + 3, k]
-            b0 = Bm[k]
-            for j in range(n):
-                p = b0[j]
-                z0r[j] += a_0 * p
-                z1r[j] += a_1 * p
-                z2r[j] += a_2 * p
-                z3r[j] += a_3 * p
-            k += 1
-    for m in range(M4, M):
-        zr = Z[m]
-        k = 0
-        while k + 4 <= Kd:
-            a_0 = A[m, k]
-            a_1 = A[m, k + 1]
-            a_2 = A[m, k + 2]
-            a_3 = A[m, k + 3]
-            b0 = Bm[k]
-            b1 = Bm[k + 1]
-            b2 = Bm[k + 2]
-            b3 = Bm[k + 3]
-            for j in range(n):
-                zr[j] += (a_0 * b0[j] + a_1 * b1[j]) + (a_2 * b2[j] + a_3 * b3[j])
-            k += 4
-        while k < Kd:
-            a_0 = A[m, k]
-            b0 = Bm[k]
-            for j in range(n):
-                zr[j] += a_0 * b0[j]
-            k += 1
 
 
 @njit(**NJIT_INLINE_OPTS)
@@ -151,7 +69,7 @@ def _project(x, t0, n, Wp, bp, xw):
         for t in range(n):
             for j in range(bp.shape[0]):
                 zx[t, j] = bp[j]
-        _gemm_acc(x[r, t0:t0 + n], Wp, zx[:n])
+        gemm_rows_acc(x[r, t0:t0 + n], n, Wp, zx)
 
 
 @njit(**NJIT_INLINE_OPTS)
@@ -164,7 +82,7 @@ def _step(s, t, u0, Up, xw, z, hc, hn, c, seen, mask, seqbuf, out, out_mode,
     for r in range(Bp):
         for j in range(G):
             z[r, j] = xw[r, t, j]
-    _gemm_acc(hc, Up, z)
+    gemm_rows_acc(hc, Bp, Up, z)
     for r in range(Bp):
         on = mask[r, s] != 0
         if on:
@@ -270,7 +188,8 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
                 thi = min(hi - r * n, n)
                 if tlo < thi:
                     q0 = r * n + tlo - lo
-                    _gemm_acc(seqbuf[r, tlo:thi], Wd, yb[q0:q0 + thi - tlo])
+                    gemm_rows_acc(seqbuf[r, tlo:thi], thi - tlo, Wd,
+                                  yb[q0:q0 + thi - tlo])
             bias_act_rows(yb[:hi - lo], bd, dense_code)
             for q in range(lo, hi):
                 r = q // n
