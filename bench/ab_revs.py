@@ -5,6 +5,7 @@ noise falls on both alike.  The old revision's ``fastseq/`` is exported with
 
     python bench/ab_revs.py --old 8a3f8a6 --what train          # EWT tagger steps
     python bench/ab_revs.py --old 8a3f8a6 --what C3 --rounds 15  # inference configs
+    python bench/ab_revs.py --old 8a3f8a6 --what C1 --threads 1   # both on one thread
 
 ``train``: the tagger of bench/bench_train.py (Embedding -> Bidirectional(LSTM(128)) ->
 Dense(17, softmax), Adam, batch 32) built twice from the same initial weights; each
@@ -125,6 +126,8 @@ def main():
     ap.add_argument("--batches", type=int, default=100, help="train: batches per pass")
     ap.add_argument("--calls", type=int, default=1,
                     help="C1-C4: back-to-back calls per timed sample (their mean)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="fastseq.set_num_threads(n) in both packages first")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", args.old],
@@ -136,6 +139,9 @@ def main():
         importlib.import_module("fastseq_old._threads")
         new = importlib.import_module("fastseq")
         importlib.import_module("fastseq._threads")
+        if args.threads is not None:
+            old.set_num_threads(args.threads)
+            new.set_num_threads(args.threads)
         if args.what == "train":
             t_old, t_new, extra = ab_train(old, new, args.rounds or 3, args.batches)
             unit = "ms per step"

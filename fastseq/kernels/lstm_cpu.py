@@ -80,7 +80,8 @@ def _product_masked(A, ak, K, Bk, z, j0, mask, s):
     """z[r, j0:j0+JB] += A[r, ak:ak+K] @ Bk for the rows r unmasked at chunk step s, in
     the register tiles of ``tile_cpu``: column ranges of 4 vectors outer, row groups
     inner, so a range's rows of Bk are read from cache by every group in turn; a group
-    of four rows all masked at the step (padding) is skipped.
+    of four rows all masked at the step (padding) is skipped.  Leftover rows (past the
+    last group of four) go across all columns at once, in the wide row tiles.
 
     A: [Bp, >=ak+K];  Bk: [K, JB];  z: [Bp, >=j0+JB];  mask: [Bp, Tc]
     """
@@ -97,9 +98,9 @@ def _product_masked(A, ak, K, Bk, z, j0, mask, s):
                     and mask[r + 3, s] == 0):
                 continue    # padding: all four rows masked at this step
             tile_rows4(A, r, ak, K, Bk, z, q0, q1, j0)
-        for r in range(R4, Bp):
-            if mask[r, s] != 0:
-                tile_row1(A, r, ak, K, Bk, z, q0, q1, j0)
+    for r in range(R4, Bp):
+        if mask[r, s] != 0:
+            tile_row1(A, r, ak, K, Bk, z, 0, JV, j0)
     if JV < JB:
         for r in range(Bp):
             if mask[r, s] != 0:
