@@ -104,6 +104,12 @@ PROVIDER_PACKAGES = {
     "keras-jax": ("keras", "jax"),
 }
 ORT_DEFAULT_THREADS = 2
+# ONNX Runtime's own default: its intra-op threads spin-wait for work for a while after
+# each run (session.intra_op.allow_spinning = 1).  At C1 that halves its time here
+# (0.18 against 0.33 ms a call); the pause before each timed sample (PAUSE_S) lets the
+# spinning end before the next provider runs.  ``fastseq bench --ort-no-spin`` turns
+# it off (the setting of runs 1-23 in BENCHMARKS.md).
+ORT_SPINNING = True
 
 
 def provider_missing(provider: str) -> str | None:
@@ -444,15 +450,16 @@ def onnx_model(wl: Workload):
     return onnx_export.bilstm_tagger_onnx(emb, (fk, fr, fb), (bk, br, bb), dk, db)
 
 
-def _ort_runner(wl: Workload, threads: int | None):
+def _ort_runner(wl: Workload, threads: int | None, spinning: bool = ORT_SPINNING):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads) if threads else ORT_DEFAULT_THREADS
     opts.inter_op_num_threads = 1
-    # No spin-waiting: ORT's idle pool threads would otherwise keep both cores busy
-    # after each run and slow whichever provider runs next in this process (up to 100x
-    # for PyTorch on a 2-core machine).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spinning idle pool threads keep both cores busy for a while after each run and
+    # slow whichever provider runs next in this process (up to 100x for PyTorch on a
+    # 2-core machine): the benchmark pauses before every timed sample.
+    opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                  "1" if spinning else "0")
     sess = ort.InferenceSession(onnx_model(wl).SerializeToString(), sess_options=opts,
                                 providers=["CPUExecutionProvider"])
     if wl.kind == "lstm":
@@ -466,10 +473,11 @@ def _ort_runner(wl: Workload, threads: int | None):
     return run_batches
 
 
-def make_runner(provider: str, wl: Workload, *, threads: int | None = None
-                ) -> Callable[[], Any]:
+def make_runner(provider: str, wl: Workload, *, threads: int | None = None,
+                ort_spinning: bool = ORT_SPINNING) -> Callable[[], Any]:
     """Zero-argument callable running all of ``wl``'s input through ``provider``; returns
-    the probabilities (one array, or a list of arrays for C4).  In-process: "keras" and
+    the probabilities (one array, or a list of arrays for C4).  ``ort_spinning``: ONNX
+    Runtime's intra-op threads spin-wait between runs (its default).  In-process: "keras" and
     "keras-tf-function" need this process's Keras on TensorFlow, "keras-jax" on JAX
     (``fastseq bench`` runs it in a subprocess, see :func:`run_keras_subprocess`)."""
     missing = provider_missing(provider)
@@ -494,7 +502,7 @@ def make_runner(provider: str, wl: Workload, *, threads: int | None = None
     if provider == "torch":
         return _torch_runner(wl)
     if provider == "onnxruntime":
-        return _ort_runner(wl, threads)
+        return _ort_runner(wl, threads, ort_spinning)
     raise ValueError(f"provider {provider!r} does not run in-process")
 
 
@@ -677,7 +685,8 @@ SAMPLE_S = 0.02  # a timed sample: back-to-back calls for at least this long
 def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repeats: int = 7,
                   warmup: int = 2, quick: bool = False, seed: int = 0,
                   threads: int | None = None, c4_model=None, progress: bool = True,
-                  sgemm: bool = True, budget_s: float = 20.0) -> dict:
+                  sgemm: bool = True, budget_s: float = 20.0,
+                  ort_spinning: bool = ORT_SPINNING) -> dict:
     """Run the benchmark; returns a JSON-able dict (machine, sgemm rate, one result per
     config x provider).
 
@@ -685,6 +694,8 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
     then ``warmup`` untimed calls, then up to ``repeats`` timed rounds that interleave the
     providers.  A provider whose warm call takes long gets fewer timed runs - about
     ``budget_s`` seconds' worth, but at least 3 (or ``repeats`` if smaller).
+    ``ort_spinning``: ONNX Runtime's intra-op threads spin-wait between runs (its
+    default; False makes them sleep).
     """
     providers = list(providers)
     for p in providers:
@@ -699,6 +710,7 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
     threads_set = set_threads(threads)
     report = {"machine": machine_info(), "threads": threads_set or "framework defaults",
               "onnxruntime_threads": int(threads) if threads else ORT_DEFAULT_THREADS,
+              "onnxruntime_spinning": bool(ort_spinning),
               "quick": bool(quick), "repeats": repeats, "warmup": warmup, "seed": seed,
               "budget_s": budget_s, "results": [], "configs": {}}
     # Short GEMMs, many tries: on a shared machine the best try is the least disturbed.
@@ -731,7 +743,8 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
                     outputs[p] = res["output"]
                     bar.update(steps_per_provider)
                     continue
-                runners[p] = make_runner(p, wl, threads=threads)
+                runners[p] = make_runner(p, wl, threads=threads,
+                                         ort_spinning=ort_spinning)
                 t0 = time.perf_counter()
                 outputs[p] = runners[p]()
                 warm_s = time.perf_counter() - t0
@@ -841,7 +854,8 @@ def format_table(report: dict) -> str:
         f"({m['usable_cores']} usable), {m['platform']}",
         "versions: " + ", ".join(f"{k} {v[k]}" for k in v),
         f"threads: {report['threads']}; onnxruntime intra_op threads "
-        f"{report['onnxruntime_threads']} (spin-waiting off)",
+        f"{report['onnxruntime_threads']} (spin-waiting "
+        f"{'on' if report.get('onnxruntime_spinning', False) else 'off'})",
     ]
     if "sgemm" in report:
         s = report["sgemm"]

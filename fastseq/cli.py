@@ -1,7 +1,8 @@
 """The ``fastseq`` command line (also ``python -m fastseq``).
 
     fastseq bench [--configs C1,C2,C3,C4] [--providers ...] [--repeats N] [--quick]
-                  [--threads N] [--json PATH] [--plot PATH] [--c4-model PATH.keras]
+                  [--threads N] [--ort-no-spin] [--json PATH] [--plot PATH]
+                  [--c4-model PATH.keras]
     fastseq validate MODEL.keras [--input X.npy] [--batch-size N]
     fastseq train-tagger [--epochs N] [--compare keras,torch] [--save PATH] [--tag TEXT]
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=positive_int, default=None,
                    help="threads for every provider (default: each framework's own; "
                         "ONNX Runtime intra-op threads 2)")
+    b.add_argument("--ort-no-spin", action="store_true",
+                   help="ONNX Runtime's intra-op threads sleep between runs instead of "
+                        "spin-waiting (its default)")
     b.add_argument("--budget", type=positive_float, default=20.0, metavar="SECONDS",
                    help="timed seconds per provider and config: slow providers get fewer "
                         "runs (at least 3) (default %(default)s)")
@@ -106,7 +110,8 @@ def cmd_bench(args) -> int:
         report = benchmark.run_benchmark(
             args.configs, args.providers, repeats=repeats, warmup=warmup, quick=args.quick,
             seed=args.seed, threads=args.threads, c4_model=args.c4_model,
-            progress=not args.no_progress, sgemm=not args.no_sgemm, budget_s=args.budget)
+            progress=not args.no_progress, sgemm=not args.no_sgemm, budget_s=args.budget,
+            ort_spinning=not args.ort_no_spin)
     except ValueError as exc:
         print(f"fastseq bench: error: {exc}", file=sys.stderr)
         return 2

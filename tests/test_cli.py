@@ -58,6 +58,8 @@ def test_bench_quick_end_to_end(tmp_path):
     assert "machine:" in text and "GFLOP/s" in text
     report = json.loads(out_json.read_text())
     assert report["quick"] is True and report["sgemm"]["gflops"] > 0
+    # ONNX Runtime runs with its own default, spin-waiting threads
+    assert report["onnxruntime_spinning"] is True and "(spin-waiting on)" in text
     assert report["machine"]["versions"]["numpy"] == np.__version__
     rows = {(x["config"], x["provider"]): x for x in report["results"]}
     for cfg in ("C1", "C2", "C3", "C4"):
@@ -89,6 +91,18 @@ def test_bench_quick_end_to_end(tmp_path):
     assert c4["sentences"] == 96 and c4["tokens"] > 96
     assert rows[("C4", "fastseq")]["sentences_per_s"] > 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("flag,spinning", [([], True), (["--ort-no-spin"], False)])
+def test_bench_ort_spinning_option(monkeypatch, flag, spinning):
+    seen = {}
+
+    def fake_run(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+    monkeypatch.setattr(benchmark, "run_benchmark", fake_run)
+    assert cli.main(["bench", "--no-progress", "--no-sgemm"] + flag) == 2
+    assert seen["ort_spinning"] is spinning
 
 
 def test_bench_rejects_unknown_config(capsys):
