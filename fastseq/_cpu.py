@@ -93,6 +93,18 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
     return _finish(out, h, c, seen, m8, T, return_sequences, zero_output_for_mask)
 
 
+_ones_cache = [np.ones(0, np.uint8)]
+
+
+def _ones(n):
+    """n uint8 ones (a mask with every step computed): a view of a shared buffer that
+    only grows, cheaper than a new array at batch 1; the kernels only read it."""
+    buf = _ones_cache[0]
+    if buf.size < n:
+        buf = _ones_cache[0] = np.ones(n, np.uint8)
+    return buf[:n]
+
+
 def _finish(out, h, c, seen, m8, T, return_sequences, zero_output_for_mask):
     if return_sequences:
         return out, h, c
@@ -134,7 +146,7 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
     H = U.shape[0]
     dt = U.dtype
     Tc = chunk_steps(B, 4 * H, dt.itemsize, T)
-    mask = np.ones((B, T), np.uint8) if m8 is None else m8
+    mask = _ones(B * T).reshape(B, T) if m8 is None else m8
     hbuf = np.empty((2, B, H), dt)
     hbuf[0] = h
     if ep is not None:
@@ -227,7 +239,7 @@ def table_dense_pair(ids, m8, parts, bd, activation):
     B, T = ids.shape
     dt = parts[0][0].dtype
     K = parts[0][3].shape[0]
-    mask = np.ones((B, T), np.uint8) if m8 is None else m8
+    mask = _ones(B * T).reshape(B, T) if m8 is None else m8
     jobs = []
     macs = 0
     for table, Ub, b, WdT, reverse, flip_out, zero_output, act, rec in parts:
@@ -334,7 +346,7 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
         hseq_buf = np.empty(rows * Tc * H, dt)  # chunk outputs fed to the epilogue
         y_buf = np.empty(rows * Tc * K, dt)
     dummy = np.empty((1, 1, 1), dt)
-    ones = np.ones(rows * Tc, np.uint8) if m8 is None else None
+    ones = _ones(rows * Tc) if m8 is None else None
     own = {}
 
     def own_rows(n):

@@ -183,8 +183,10 @@ class Worker:
         self.held.append((seq, refs))
 
     def release_done(self):
-        done = self.mb[self.kw.MB_DONE]
-        self.held = [(s, r) for s, r in self.held if s > done]
+        held = self.held
+        if held and held[0][0] <= self.mb[self.kw.MB_DONE]:
+            done = self.mb[self.kw.MB_DONE]
+            self.held = [(s, r) for s, r in held if s > done]
 
     def wake(self):
         """Make a dozing worker spin again (for SPLIT_WORKER_IDLE_TICKS as now set)."""
@@ -208,6 +210,9 @@ def worker(dtype, start=True):
     """The Worker of ``dtype`` in this process; with ``start``, started if there is
     none yet (or only one inherited through fork), else None then."""
     key = np.dtype(dtype)
+    w = _workers.get(key)
+    if w is not None and w.pid == os.getpid():
+        return w        # the common case, without the lock
     with _lock:
         w = _workers.get(key)
         if w is None or w.pid != os.getpid():
