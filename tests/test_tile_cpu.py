@@ -44,6 +44,25 @@ def test_gemm_rows_acc_matches_float64(M, K, N, dtype):
         assert np.array_equal(got[n:], C[n:])   # rows past n untouched
 
 
+@njit(cache=True)
+def _gemm_k(A, n, ak, K, B, C):
+    tile_cpu.gemm_rows_acc_k(A, n, ak, K, B, C)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,ak,K,N", [(1, 64, 64, 256), (3, 0, 64, 256), (5, 7, 30, 467)])
+def test_gemm_rows_acc_k_takes_a_range_of_k(M, ak, K, N, dtype):
+    """C[:n] += A[:n, ak:ak+K] @ B[:K] (the split kernel's halves of h U)."""
+    rng = np.random.default_rng(M + ak + K + N)
+    A = rng.standard_normal((M, ak + K + 3)).astype(dtype)
+    B = rng.standard_normal((K + 2, N)).astype(dtype)
+    C = rng.standard_normal((M, N)).astype(dtype)
+    want = C.astype(np.float64) + A[:, ak:ak + K].astype(np.float64) @ B[:K]
+    _gemm_k(A, M, ak, K, B, C)
+    atol, rtol = tolerance(dtype)
+    np.testing.assert_allclose(C, want, rtol=rtol, atol=atol * K)
+
+
 def test_tiles_refuse_non_contiguous_arrays():
     A = np.ones((8, 8), np.float32)
     with pytest.raises(Exception, match="C-contiguous"):

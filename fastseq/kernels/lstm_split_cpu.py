@@ -6,9 +6,13 @@ H = 128 in float32): on one core that read from L2 bounds the step.  Here part p
 threads owns hidden units [u0, u1) = [p H / 2, (p + 1) H / 2): the columns of U, W and b
 of those units' four gates, half of U, so each core reads half of it per step.  Every
 step each part computes its units' gates from the whole previous h, writes its half of
-the new h, and waits at a barrier for the other half (``sync_cpu.barrier``, about
-0.05 us here).  h is double-buffered (step s reads h[s % 2] and writes h[(s + 1) % 2]),
-so one barrier per step is enough.
+the new h, and publishes it (an epoch per part, ``sync_cpu``, a release store and an
+acquire load, about 0.05 us a round trip here).  The step is pipelined across that
+exchange: right after publishing, a part already sums its own units of the new h into
+the next step's pre-activations, and only then waits for the other half.  h is
+double-buffered (step s reads h[s % 2] and writes h[(s + 1) % 2]), so one exchange per
+step is enough.  Every pre-activation adds its own slice's units first, then the
+others', in the split and in the alone runs alike.
 
 Each part computes its own columns of the input projection x W for a chunk of steps, so
 no [B, T, 4H] buffer exists.  With a Dense epilogue the chunk's outputs go to a shared
@@ -28,8 +32,8 @@ from numba import njit
 from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
 from .dense_cpu import bias_act_rows
 from .lstm_cpu import _cell_row
-from .sync_cpu import barrier, claim
-from .tile_cpu import gemm_rows_acc
+from .sync_cpu import SYNC_STRIDE, atomic_store, barrier, claim, wait_at_least
+from .tile_cpu import gemm_rows_acc, gemm_rows_acc_k
 
 OUT_NONE, OUT_SEQUENCE, OUT_EPILOGUE = 0, 1, 2
 
@@ -73,20 +77,40 @@ def _project(x, t0, n, Wp, bp, xw):
 
 
 @njit(**NJIT_INLINE_OPTS)
-def _step(s, t, u0, Up, xw, z, hc, hn, c, seen, mask, seqbuf, out, out_mode,
-          zero_output, act, rec):
-    """Step s (chunk step t) for units [u0, u0 + Hh) of every row: z = xw + h U, the
-    gates, the new c and h, and the outputs of those units."""
+def _slice_units(q, H):
+    """Units [u0, u1) of slice q (0: the first H // 2, 1: the rest)."""
+    return (0, H // 2) if q == 0 else (H // 2, H)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _own_product(t, u0, u1, Up, xw, z, h):
+    """The first half of a step's pre-activations, z = xw[:, t] + h[:, u0:u1] U[u0:u1]
+    (this slice's columns): the slice's own units of h, known before the other part
+    has finished the previous step."""
     Bp, G = z.shape
-    Hh = G // 4
     for r in range(Bp):
         for j in range(G):
             z[r, j] = xw[r, t, j]
-    gemm_rows_acc(hc, Bp, Up, z)
+    gemm_rows_acc_k(h, Bp, u0, u1 - u0, Up[u0:u1], z)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _finish_step(s, t, u0, u1, Up, z, hc, hn, c, seen, mask, seqbuf, out, out_mode,
+                 zero_output, act, rec):
+    """The rest of step s (chunk step t) for units [u0, u1) of every row: z += the
+    other units of h times their rows of U, the gates, the new c and h, and the
+    outputs of those units."""
+    Bp, G = z.shape
+    H = hc.shape[1]
+    Hh = u1 - u0
+    if u0 > 0:
+        gemm_rows_acc_k(hc, Bp, 0, u0, Up[:u0], z)
+    if u1 < H:
+        gemm_rows_acc_k(hc, Bp, u1, H - u1, Up[u1:], z)
     for r in range(Bp):
         on = mask[r, s] != 0
         if on:
-            _cell_row(z[r], hn[r, u0:u0 + Hh], c[r, u0:u0 + Hh], Hh, act, rec)
+            _cell_row(z[r], hn[r, u0:u1], c[r, u0:u1], Hh, act, rec)
             seen[r] = 1
         else:
             for j in range(Hh):
@@ -155,24 +179,43 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
         rows[0] = 0
         rows[1] = 1
         q_lo, q_hi = part, part + 1
+    # Each step is pipelined across the barrier: a part sums its own units of h into
+    # the next step's pre-activations, then publishes its half of h and waits for the
+    # other half only when it needs it (every element adds its own units' products,
+    # then the others', whether or not the job is split).
+    mine = (1 + part) * SYNC_STRIDE
+    theirs = (2 - part) * SYNC_STRIDE
     epoch = 0
     for t0 in range(0, T, Tc):
         n = min(Tc, T - t0)
-        if t0 > 0:
-            for q in range(q_lo, q_hi):
-                Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
+        for q in range(q_lo, q_hi):
+            Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
+            if t0 > 0:
                 _project(x, t0, n, Wp, bp, xw)
+            u0, u1 = _slice_units(q, H)
+            _own_product(0, u0, u1, Up, xw, z, hbuf[t0 % 2])
         for t in range(n):
             s = t0 + t
             hc = hbuf[s % 2]
             hn = hbuf[(s + 1) % 2]
+            if nparts == 2 and s > 0:
+                wait_at_least(sync, theirs, epoch)   # the other half of hc is written
             for q in range(q_lo, q_hi):
                 Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
-                _step(s, t, q * (H // 2), Up, xw, z, hc, hn, c, seen, mask, seqbuf,
-                      out, out_mode, zero_output, act, rec)
+                u0, u1 = _slice_units(q, H)
+                _finish_step(s, t, u0, u1, Up, z, hc, hn, c, seen, mask, seqbuf, out,
+                             out_mode, zero_output, act, rec)
             if nparts == 2:
                 epoch += 1
-                barrier(sync, part, epoch)
+                atomic_store(sync, mine, epoch)      # this part's half of hn
+            if t + 1 < n:
+                for q in range(q_lo, q_hi):
+                    Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
+                    u0, u1 = _slice_units(q, H)
+                    _own_product(t + 1, u0, u1, Up, xw, z, hn)
+        if nparts == 2:
+            # both halves of the chunk's last h (and of its outputs) are written
+            wait_at_least(sync, theirs, epoch)
         if out_mode == OUT_EPILOGUE:
             # this part's share of the chunk's rows (r, t) through the Dense
             R = Bp * n

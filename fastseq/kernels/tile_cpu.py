@@ -234,7 +234,16 @@ def gemm_rows_acc(A, n, B, C):
     at once (the wide row tiles).  Every element is C's value plus its K products
     added in k order, so the result does not depend on the tiling.
     """
-    K = A.shape[1]
+    gemm_rows_acc_k(A, n, 0, A.shape[1], B, C)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def gemm_rows_acc_k(A, n, ak, K, B, C):
+    """C[:n] += A[:n, ak:ak+K] @ B[:K], as gemm_rows_acc (B's row 0 multiplies A's
+    column ak).
+
+    A: [M, >=ak+K];  B: [>=K, N];  C: [M, N]  (C-contiguous, same float dtype)
+    """
     N = B.shape[1]
     V = vector_width(A)
     NV = N - N % V
@@ -243,9 +252,9 @@ def gemm_rows_acc(A, n, B, C):
     for j0 in range(0, NV, W):
         j1 = min(j0 + W, NV)
         for r in range(0, R4, 4):
-            tile_rows4(A, r, 0, K, B, C, j0, j1, 0)
+            tile_rows4(A, r, ak, K, B, C, j0, j1, 0)
     for r in range(R4, n):
-        tile_row1(A, r, 0, K, B, C, 0, NV, 0)
+        tile_row1(A, r, ak, K, B, C, 0, NV, 0)
     if NV < N:
         for r in range(n):
-            scalar_cols(A, r, 0, K, B, C, NV, N, 0)
+            scalar_cols(A, r, ak, K, B, C, NV, N, 0)
