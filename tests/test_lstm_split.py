@@ -252,6 +252,27 @@ def test_two_threads_in_lockstep(rng, assert_close, dtype):
         assert_close(st["out"], want, atol, rtol, what=f"lockstep, part {first} first")
 
 
+@pytest.mark.parametrize("B,H,Tc", [(1, 128, 5), (2, 9, 4), (3, 33, 1), (4, 64, 7)])
+def test_lockstep_equals_alone_bit_for_bit(rng, B, H, Tc):
+    """Each step is pipelined across the exchange of h: a part sums its own units of
+    the new h before it waits for the other half.  The sums are ordered the same way
+    when one part runs the job alone, so the two must agree bit for bit; a part that
+    read a stale half of h (a missing wait) would not."""
+    for trial in range(25):
+        seed = int(rng.integers(1 << 30))
+        alone, _ = _job(np.random.default_rng(seed), B=B, T=23, H=H, Tc=Tc)
+        assert _part(trial % 2, alone, 0) == 1
+        both, _ = _job(np.random.default_rng(seed), B=B, T=23, H=H, Tc=Tc)
+        ran = {}
+        th = threading.Thread(target=lambda: ran.setdefault(1, _part(1, both, 10 ** 9)))
+        th.start()
+        ran[0] = _part(0, both, 10 ** 9)
+        th.join()
+        assert ran == {0: 2, 1: 2}
+        for name in ("out", "hbuf", "c", "seen"):
+            np.testing.assert_array_equal(both[name], alone[name], err_msg=name)
+
+
 def test_racing_claims_always_correct(rng, assert_close):
     """No wait at all: which part runs (alone or together) depends on timing, and every
     outcome gives the reference answer."""
