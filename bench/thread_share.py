@@ -8,7 +8,8 @@ allows, and how much running both cores at once costs.
 fastseq splits a batch of B rows into two blocks of B / 2, one per thread, with no
 barrier between them; so the first block alone on one thread is the floor of the
 two-thread call.  (At C1's B = 1 the "share" is the whole call on one thread; two
-threads split it by hidden units.)  Also prints numpy's 1024x1024 sgemm rate on one and two threads.
+threads split it by hidden units.)  Also prints numpy's 1024x1024 sgemm rate on one
+and two threads.
 """
 import argparse
 import time
@@ -24,18 +25,10 @@ from fastseq import benchmark
 TARGETS = {"C1": 0.70, "C2": 0.85, "C3": 0.95}
 
 
-def sgemm_rate(threads, n=1024, reps=5):
-    a = np.ones((n, n), np.float32)
+def sgemm_rate(threads):
+    """The benchmark's sgemm rate (numpy 1024x1024) with BLAS on ``threads`` threads."""
     with threadpool_limits(threads, user_api="blas"):
-        a @ a
-        best = min(_time(lambda: a @ a) for _ in range(reps))
-    return 2 * n ** 3 / best / 1e9
-
-
-def _time(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+        return benchmark.measure_sgemm(repeats=5)["gflops"]
 
 
 def main():

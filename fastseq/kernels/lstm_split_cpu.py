@@ -32,7 +32,7 @@ from numba import njit
 from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
 from .dense_cpu import bias_act_rows
 from .lstm_cpu import _cell_row
-from .sync_cpu import SYNC_STRIDE, atomic_store, barrier, claim, wait_at_least
+from .sync_cpu import barrier, claim, publish, wait_other
 from .tile_cpu import gemm_rows_acc, gemm_rows_acc_k
 
 OUT_NONE, OUT_SEQUENCE, OUT_EPILOGUE = 0, 1, 2
@@ -179,12 +179,10 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
         rows[0] = 0
         rows[1] = 1
         q_lo, q_hi = part, part + 1
-    # Each step is pipelined across the barrier: a part sums its own units of h into
-    # the next step's pre-activations, then publishes its half of h and waits for the
-    # other half only when it needs it (every element adds its own units' products,
+    # Each step is pipelined across the exchange of h: a part publishes its half of
+    # the new h, sums its own units of it into the next step's pre-activations, and
+    # only then waits for the other half (every element adds its own units' products,
     # then the others', whether or not the job is split).
-    mine = (1 + part) * SYNC_STRIDE
-    theirs = (2 - part) * SYNC_STRIDE
     epoch = 0
     for t0 in range(0, T, Tc):
         n = min(Tc, T - t0)
@@ -199,23 +197,22 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
             hc = hbuf[s % 2]
             hn = hbuf[(s + 1) % 2]
             if nparts == 2 and s > 0:
-                wait_at_least(sync, theirs, epoch)   # the other half of hc is written
+                wait_other(sync, part, epoch)   # the other half of hc is written
+            # two parts: one slice each; one part alone: slice 1's step reads only hc,
+            # so slice 0 may start its next step before it
             for q in range(q_lo, q_hi):
                 Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
                 u0, u1 = _slice_units(q, H)
                 _finish_step(s, t, u0, u1, Up, z, hc, hn, c, seen, mask, seqbuf, out,
                              out_mode, zero_output, act, rec)
-            if nparts == 2:
-                epoch += 1
-                atomic_store(sync, mine, epoch)      # this part's half of hn
-            if t + 1 < n:
-                for q in range(q_lo, q_hi):
-                    Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
-                    u0, u1 = _slice_units(q, H)
+                if nparts == 2:
+                    epoch += 1
+                    publish(sync, part, epoch)   # this part's half of hn
+                if t + 1 < n:
                     _own_product(t + 1, u0, u1, Up, xw, z, hn)
         if nparts == 2:
             # both halves of the chunk's last h (and of its outputs) are written
-            wait_at_least(sync, theirs, epoch)
+            wait_other(sync, part, epoch)
         if out_mode == OUT_EPILOGUE:
             # this part's share of the chunk's rows (r, t) through the Dense
             R = Bp * n
@@ -255,8 +252,8 @@ def scratch_size(Bp, Tc, D, H):
 @njit(**NJIT_INLINE_OPTS)
 def _views(buf, Bp, Tc, D, H, q):
     """Slice q's packed W, U, b, input projection and pre-activations, views of buf."""
-    Hh = H - H // 2 if q == 1 else H // 2
-    G = 4 * Hh
+    u0, u1 = _slice_units(q, H)
+    G = 4 * (u1 - u0)
     o = 0
     Wp = buf[o:o + D * G].reshape((D, G))
     o += D * G
@@ -276,7 +273,6 @@ def _prepare(q, row, x, W, U, b, scratch, Tc, n):
     Bp, T, D = x.shape
     H = U.shape[0]
     Wp, Up, bp, xw, z = _views(scratch[row], Bp, Tc, D, H, q)
-    u0 = q * (H // 2)
-    u1 = H if q == 1 else H // 2
+    u0, u1 = _slice_units(q, H)
     _pack_slice(W, U, b, u0, u1, Wp, Up, bp)
     _project(x, 0, n, Wp, bp, xw)

@@ -159,11 +159,24 @@ def wait_at_least(sync, slot, value):
 
 
 @njit(**NJIT_INLINE_OPTS)
+def publish(sync, part, epoch):
+    """Publish this part's epoch (a release store: what it wrote before is visible to
+    the other part once that part sees the epoch)."""
+    atomic_store(sync, (1 + part) * SYNC_STRIDE, epoch)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def wait_other(sync, part, epoch):
+    """Wait until the other part has published ``epoch`` (or a later one)."""
+    wait_at_least(sync, (2 - part) * SYNC_STRIDE, epoch)
+
+
+@njit(**NJIT_INLINE_OPTS)
 def barrier(sync, part, epoch):
     """Two-thread barrier: publish this part's epoch, wait for the other part's.
     Each part calls it with epochs 1, 2, 3, ... in the same order."""
-    atomic_store(sync, (1 + part) * SYNC_STRIDE, epoch)
-    wait_at_least(sync, (2 - part) * SYNC_STRIDE, epoch)
+    publish(sync, part, epoch)
+    wait_other(sync, part, epoch)
 
 
 @njit(**NJIT_INLINE_OPTS)
