@@ -16,7 +16,8 @@ import numpy as np
 from . import config
 from . import _threads
 from ._threads import split, run_blocks
-from .kernels import lstm_cpu, lstm_split_cpu, lstm_table_cpu, dense_cpu, sync_cpu, worker_cpu
+from .kernels import (lstm_cpu, lstm_split_cpu, lstm_table_cpu, dense_cpu, sync_cpu,
+                      tile_cpu, worker_cpu)
 from .kernels.activations import ACTIVATION_CODES
 
 _DENSE_CODES = dict(ACTIVATION_CODES)
@@ -232,26 +233,27 @@ def table_dense_pair(ids, m8, parts, bd, activation):
     activation(y_f + y_b + bd).
 
     ids: [B, T] int64 token ids; m8: [B, T] uint8 mask or None
-    parts: for each direction (table [V, 4H], Ub = block_columns(U), b [4H], WdT [K, H]
-    (its rows of the Dense kernel, transposed), reverse, flip_out, zero_output, act,
-    rec) (see ``lstm_table_dense``).  Returns y [B, T, K].
+    parts: for each direction (table [V, 4H], Ub = block_columns(U), b [4H], WdX (its
+    rows of the Dense kernel, dense_pack), reverse, flip_out, zero_output, act, rec)
+    (see ``lstm_table_dense``); bd: [K] the Dense bias.
+    Returns y [B, T, K].
     """
     B, T = ids.shape
     dt = parts[0][0].dtype
-    K = parts[0][3].shape[0]
+    K = bd.shape[0]
     mask = _ones(B * T).reshape(B, T) if m8 is None else m8
     jobs = []
     macs = 0
-    for table, Ub, b, WdT, reverse, flip_out, zero_output, act, rec in parts:
+    for table, Ub, b, WdX, reverse, flip_out, zero_output, act, rec in parts:
         H = Ub.shape[1]
         G = 4 * H
         Tc = chunk_steps(B, G, dt.itemsize, T)
-        jobs.append((table, ids, mask, Ub, b, WdT, np.zeros((B, H), dt),
+        jobs.append((table, ids, mask, Ub, b, WdX, np.zeros((B, H), dt),
                      np.zeros((B, H), dt), np.zeros(B, np.uint8), reverse, flip_out,
                      zero_output, act, rec, np.empty(B * Tc, np.int64),
                      np.empty(B * Tc, np.uint8),
                      np.empty((B, G), dt), np.empty(B * Tc * H, dt),
-                     np.empty((B, T, K), dt)))
+                     np.empty(B * Tc * K, dt), np.empty((B, T, K), dt)))
         macs = max(macs, B * T * (H * G + H * K))
     if _threads.get_num_threads() < 2 or macs < config.MIN_MACS_PER_THREAD:
         for job in jobs:
@@ -312,6 +314,16 @@ def block_columns(U):
     if G <= max(JB, int(config.FUSED_ONE_BLOCK_COLUMNS)) or G % JB:
         return U.reshape(1, H, G)
     return np.ascontiguousarray(U.reshape(H, G // JB, JB).transpose(1, 0, 2))
+
+
+def dense_pack(Wd):
+    """Wd [H, K] for lstm_table_cpu's Dense epilogue: [H * K + L * H], Wd flattened and
+    then its last L = K % V columns transposed (V: the vector width of
+    tile_cpu.VECTOR_BYTES), so those columns are contiguous for their dot products."""
+    V = tile_cpu.VECTOR_BYTES // Wd.dtype.itemsize
+    H, K = Wd.shape
+    L = K % V
+    return np.ascontiguousarray(np.concatenate([Wd.ravel(), Wd[:, K - L:].T.ravel()]))
 
 
 def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, rec,

@@ -299,7 +299,7 @@ class Bidirectional(Layer):
                 table, blocks = layer.table_for(embedding, version)
                 b = (layer.bias if layer.bias is not None
                      else np.zeros(table.shape[1], self.dtype))
-                parts.append((table, blocks, b, half.kernel_t, layer.go_backwards, flip,
+                parts.append((table, blocks, b, half.kernel_x, layer.go_backwards, flip,
                               layer.zero_output_for_mask,
                               LSTM_ACTIVATIONS[layer.activation],
                               LSTM_ACTIVATIONS[layer.recurrent_activation]))
@@ -323,7 +323,7 @@ class Bidirectional(Layer):
             Wd = dense_layer.kernel
             self._halves = [
                 types.SimpleNamespace(kernel=np.ascontiguousarray(part),
-                                      kernel_t=np.ascontiguousarray(part.T), bias=None,
+                                      kernel_x=_cpu.dense_pack(part), bias=None,
                                       activation="linear")
                 for part in (Wd[:Hf], Wd[Hf:])]
             self._halves_key = key

@@ -48,15 +48,17 @@ def _job(rng, B=6, T=11, V=13, E=3, H=5, K=4, dtype=np.float32, reverse=False,
     want = ref_dense(seq, Wd)            # processing order
     if flip:
         want = want[:, ::-1]
-    cast = [a.astype(dtype) for a in (emb @ W, U, b, Wd.T)]
-    table, Uc, bc, WdT = (np.ascontiguousarray(a) for a in cast)
+    cast = [a.astype(dtype) for a in (emb @ W, U, b, Wd)]
+    table, Uc, bc, Wdc = (np.ascontiguousarray(a) for a in cast)
     Ub = _cpu.block_columns(Uc)
+    WdX = _cpu.dense_pack(Wdc)
     G = 4 * H
-    args = (table, ids.astype(np.int64), mask.view(np.uint8), Ub, bc, WdT,
+    args = (table, ids.astype(np.int64), mask.view(np.uint8), Ub, bc, WdX,
             np.zeros((B, H), dtype), np.zeros((B, H), dtype), np.zeros(B, np.uint8),
             reverse, flip, zero_output, act, rec, np.empty(B * Tc, np.int64),
             np.empty(B * Tc, np.uint8), np.empty((B, G), dtype),
-            np.empty(B * Tc * H, dtype), np.full((B, T, K), np.nan, dtype))
+            np.empty(B * Tc * H, dtype), np.full(B * Tc * K, np.nan, dtype),
+            np.full((B, T, K), np.nan, dtype))
     if state:
         return args, want, (h, c)
     return args, want
@@ -74,6 +76,18 @@ def test_matches_reference(rng, assert_close, dtype, reverse, flip, Tc):
     lstm_table_cpu.lstm_table_dense(*args)
     atol, rtol = config.tolerance(dtype)
     assert_close(args[-1], want, atol, rtol, what="lstm_table_dense")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K", [1, 16, 17, 33])
+def test_dense_widths(rng, assert_close, dtype, K):
+    """Dense widths around the vector width: the Dense's whole vectors of columns run
+    in the register tiles (4 x 2 and 4 x 1 tiles, one-row tiles for the rows past the
+    last group of four: B = 9, chunks of 3 steps), the rest as dot products."""
+    args, want = _job(rng, B=9, T=7, H=8, K=K, dtype=dtype, reverse=True, flip=True)
+    lstm_table_cpu.lstm_table_dense(*args)
+    atol, rtol = config.tolerance(dtype)
+    assert_close(args[-1], want, atol, rtol, what=f"lstm_table_dense, K = {K}")
 
 
 @pytest.mark.parametrize("zero_output,act,rec", [(True, 1, 2), (False, 1, 3),
@@ -154,7 +168,7 @@ def test_pair_with_dozing_and_busy_worker(rng, assert_close, monkeypatch):
                                 _job(rng, B=5, T=9, H=6, ids=ids, reverse=True, flip=True))
     parts = [(a[0], a[3], a[4], a[5], a[9], a[10], a[11], a[12], a[13]) for a in (a0, a1)]
     m8 = a0[2]
-    bd = np.zeros(a0[5].shape[0], np.float32)
+    bd = np.zeros(a0[-1].shape[2], np.float32)
     want = want0 + want1
     w = _threads.worker(np.float32)
     atol, rtol = config.tolerance(np.float32)

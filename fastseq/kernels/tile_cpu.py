@@ -153,6 +153,7 @@ def _make_tile(NR, NC):
 
 
 tile_4x4 = _make_tile(4, 4)
+tile_4x2 = _make_tile(4, 2)
 tile_4x1 = _make_tile(4, 1)
 tile_1x16 = _make_tile(1, 16)
 tile_1x8 = _make_tile(1, 8)
@@ -177,7 +178,8 @@ def vector_width(A):
 @njit(**NJIT_INLINE_OPTS)
 def tile_rows4(A, r, ak, K, B, C, j_lo, j_hi, c_off):
     """C[r:r+4, c_off+j_lo:c_off+j_hi] += A[r:r+4, ak:ak+K] @ B[:K, j_lo:j_hi] with tiles
-    (j_hi - j_lo a multiple of the vector width V): 4 x 4 tiles, then 4 x 1.
+    (j_hi - j_lo a multiple of the vector width V): 4 x 4 tiles, then 4 x 2 and 4 x 1
+    (a 4 x 2 tile broadcasts each A element once for two vectors of B).
 
     A: [M, >=ak+K];  B: [>=K, N];  C: [M, >=c_off+N]  (all C-contiguous, same float
     dtype)
@@ -187,6 +189,9 @@ def tile_rows4(A, r, ak, K, B, C, j_lo, j_hi, c_off):
     while j + 4 * V <= j_hi:
         tile_4x4(A, r, ak, B, j, C, r, c_off + j, K)
         j += 4 * V
+    while j + 2 * V <= j_hi:
+        tile_4x2(A, r, ak, B, j, C, r, c_off + j, K)
+        j += 2 * V
     while j < j_hi:
         tile_4x1(A, r, ak, B, j, C, r, c_off + j, K)
         j += V
@@ -245,6 +250,20 @@ def gemm_rows_acc_k(A, n, ak, K, B, C):
     A: [M, >=ak+K];  B: [>=K, N];  C: [M, N]  (C-contiguous, same float dtype)
     """
     N = B.shape[1]
+    NV = gemm_rows_acc_vec(A, n, ak, K, B, C)
+    if NV < N:
+        for r in range(n):
+            scalar_cols(A, r, ak, K, B, C, NV, N, 0)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def gemm_rows_acc_vec(A, n, ak, K, B, C):
+    """gemm_rows_acc_k on the columns of B that fill whole vectors only: columns below
+    NV = N - N % V, the value returned (the caller does the rest its own way).
+
+    A: [M, >=ak+K];  B: [>=K, N];  C: [M, >=N]  (C-contiguous, same float dtype)
+    """
+    N = B.shape[1]
     V = vector_width(A)
     NV = N - N % V
     R4 = n - n % 4
@@ -255,6 +274,4 @@ def gemm_rows_acc_k(A, n, ak, K, B, C):
             tile_rows4(A, r, ak, K, B, C, j0, j1, 0)
     for r in range(R4, n):
         tile_row1(A, r, ak, K, B, C, 0, NV, 0)
-    if NV < N:
-        for r in range(n):
-            scalar_cols(A, r, ak, K, B, C, NV, N, 0)
+    return NV

@@ -83,8 +83,8 @@ def post_split_job(mb, seq, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, 
 
 
 @njit(**NJIT_OPTS)
-def post_table_job(mb, seq, table, ids, mask, Ub, b, WdT, h, c, seen, reverse, flip_out,
-                   zero_output, act, rec, idx_buf, mask_buf, z, hseq_buf, out):
+def post_table_job(mb, seq, table, ids, mask, Ub, b, WdX, h, c, seen, reverse, flip_out,
+                   zero_output, act, rec, idx_buf, mask_buf, z, hseq_buf, ybuf, out):
     """Post a ``lstm_table_dense`` call (its arguments) as job ``seq``; the arrays must
     stay alive as for ``post_split_job``."""
     _put(mb, 0, table)
@@ -92,7 +92,7 @@ def post_table_job(mb, seq, table, ids, mask, Ub, b, WdT, h, c, seen, reverse, f
     _put(mb, 2, mask)
     _put(mb, 3, Ub)
     _put(mb, 4, b)
-    _put(mb, 5, WdT)
+    _put(mb, 5, WdX)
     _put(mb, 6, h)
     _put(mb, 7, c)
     _put(mb, 8, seen)
@@ -101,6 +101,7 @@ def post_table_job(mb, seq, table, ids, mask, Ub, b, WdT, h, c, seen, reverse, f
     _put(mb, 11, z)
     _put(mb, 12, hseq_buf)
     _put(mb, 13, out)
+    _put(mb, 14, ybuf)
     o = MB_SCALARS
     mb[o] = 1 if reverse else 0
     mb[o + 1] = 1 if flip_out else 0
@@ -143,10 +144,10 @@ def _run_posted(mb, dt):
     elif mb[MB_KIND] == KIND_TABLE:
         lstm_table_dense(
             _arr2(mb, 0, dt), _arr2(mb, 1, np.int64), _arr2(mb, 2, np.uint8),
-            _arr3(mb, 3, dt), _arr1(mb, 4, dt), _arr2(mb, 5, dt), _arr2(mb, 6, dt),
+            _arr3(mb, 3, dt), _arr1(mb, 4, dt), _arr1(mb, 5, dt), _arr2(mb, 6, dt),
             _arr2(mb, 7, dt), _arr1(mb, 8, np.uint8), mb[o] != 0, mb[o + 1] != 0,
             mb[o + 2] != 0, mb[o + 3], mb[o + 4], _arr1(mb, 9, np.int64), _arr1(mb, 10, np.uint8),
-            _arr2(mb, 11, dt), _arr1(mb, 12, dt), _arr3(mb, 13, dt))
+            _arr2(mb, 11, dt), _arr1(mb, 12, dt), _arr1(mb, 14, dt), _arr3(mb, 13, dt))
 
 
 @njit(**NJIT_OPTS)
