@@ -108,15 +108,22 @@ def _finish_step(s, t, u0, u1, Up, z, hc, hn, c, seen, mask, seqbuf, out, out_mo
     if u1 < H:
         gemm_rows_acc_k(hc, Bp, u1, H - u1, Up[u1:], z)
     for r in range(Bp):
-        on = mask[r, s] != 0
-        if on:
-            _cell_row(z[r], hn[r, u0:u1], c[r, u0:u1], Hh, act, rec)
+        hrow = hn[r, u0:u1]
+        if mask[r, s] != 0:
+            # an unmasked step's output is its new h, written in the gate loop
+            if out_mode == OUT_SEQUENCE:
+                _cell_row(z[r], hrow, c[r, u0:u1], Hh, act, rec, out[r, s, u0:u1], True)
+            elif out_mode == OUT_EPILOGUE:
+                _cell_row(z[r], hrow, c[r, u0:u1], Hh, act, rec, seqbuf[r, t, u0:u1],
+                          True)
+            else:
+                _cell_row(z[r], hrow, c[r, u0:u1], Hh, act, rec, hrow, False)
             seen[r] = 1
-        else:
-            for j in range(Hh):
-                hn[r, u0 + j] = hc[r, u0 + j]
+            continue
+        for j in range(Hh):
+            hn[r, u0 + j] = hc[r, u0 + j]
         if out_mode != OUT_NONE:
-            keep = on or (seen[r] != 0 and not zero_output)
+            keep = seen[r] != 0 and not zero_output
             if out_mode == OUT_SEQUENCE:
                 for j in range(Hh):
                     out[r, s, u0 + j] = hn[r, u0 + j] if keep else 0.0
