@@ -18,8 +18,9 @@ inside the kernels (no BLAS call per step):
   outputs held in registers over the whole sum over H).  At B = 32, T = 14, H = 128
   the forward kernel took 0.62 ms against 0.91 with the dot products below, whose
   sixteen horizontal additions per tile cost a large share of a sum over only H terms.
-- ``dz U^T`` as dot products over contiguous rows (``_dot_rows``), four rows by four
-  outputs at a time: sixteen sums in registers, eight loads per sixteen multiply-adds.
+- ``dz U^T`` as dot products over contiguous rows (``tile_cpu.dot_rows_acc``), four
+  rows by four outputs at a time: sixteen sums in registers, eight loads per sixteen
+  multiply-adds.
   Its sums run over 4H and read the rows of U in place: about 100 GFLOP/s at B = 32,
   H = 128-256 on one core here.  The tiles need U^T for this product; with its
   transposed copy per call they took the same time at H = 128 and 10% more at 256.
@@ -42,7 +43,7 @@ from numba import njit
 from ..config import FASTMATH
 from .activations import (act_inplace, apply_act, ACT_TANH, ACT_SIGMOID,
                           ACT_HARD_SIGMOID, ACT_RELU, ACT_SOFTSIGN)
-from .tile_cpu import gemm_rows_acc
+from .tile_cpu import dot_rows_acc, gemm_rows_acc
 
 
 @njit(fastmath=FASTMATH, inline="always", error_model="numpy")
@@ -127,96 +128,6 @@ def _gates_row(zr, gr, cr, ar, hr, H, act, rec):
         act_inplace(act, ar, 0, H)
     for j in range(H):
         hr[j] = gr[3 * H + j] * ar[j]
-
-
-@njit(fastmath=FASTMATH, inline="always", error_model="numpy")
-def _dot4x4(a0, a1, a2, a3, m0, m1, m2, m3, K):
-    """The sixteen dot products a_r . m_i over [0, K) (rows of equal length)."""
-    s00 = s01 = s02 = s03 = a0.dtype.type(0)
-    s10 = s11 = s12 = s13 = s00
-    s20 = s21 = s22 = s23 = s00
-    s30 = s31 = s32 = s33 = s00
-    for k in range(K):
-        x0 = a0[k]
-        x1 = a1[k]
-        x2 = a2[k]
-        x3 = a3[k]
-        p = m0[k]
-        q = m1[k]
-        v = m2[k]
-        w = m3[k]
-        s00 += x0 * p
-        s01 += x0 * q
-        s02 += x0 * v
-        s03 += x0 * w
-        s10 += x1 * p
-        s11 += x1 * q
-        s12 += x1 * v
-        s13 += x1 * w
-        s20 += x2 * p
-        s21 += x2 * q
-        s22 += x2 * v
-        s23 += x2 * w
-        s30 += x3 * p
-        s31 += x3 * q
-        s32 += x3 * v
-        s33 += x3 * w
-    return (s00, s01, s02, s03, s10, s11, s12, s13,
-            s20, s21, s22, s23, s30, s31, s32, s33)
-
-
-@njit(fastmath=FASTMATH, inline="always", error_model="numpy")
-def _dot1(x, m, K):
-    """x . m over [0, K) (the leftovers of the 4 x 4 tile)."""
-    acc = x.dtype.type(0)
-    for k in range(K):
-        acc += x[k] * m[k]
-    return acc
-
-
-@njit(fastmath=FASTMATH, inline="always", error_model="numpy")
-def _dot_rows(a, n, M, out):
-    """out[r, i] += a[r] . M[i] for rows r < n and every row i of M (a [B, K],
-    M [N, K], out [B, N]; a U is dot_rows with M = U^T): four rows by four outputs at a
-    time, leftovers one by one."""
-    N, K = M.shape
-    R4 = n - n % 4
-    N4 = N - N % 4
-    for r in range(0, R4, 4):
-        a0 = a[r]
-        a1 = a[r + 1]
-        a2 = a[r + 2]
-        a3 = a[r + 3]
-        o0 = out[r]
-        o1 = out[r + 1]
-        o2 = out[r + 2]
-        o3 = out[r + 3]
-        for i in range(0, N4, 4):
-            (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23,
-             s30, s31, s32, s33) = _dot4x4(a0, a1, a2, a3, M[i], M[i + 1], M[i + 2],
-                                           M[i + 3], K)
-            o0[i] += s00
-            o0[i + 1] += s01
-            o0[i + 2] += s02
-            o0[i + 3] += s03
-            o1[i] += s10
-            o1[i + 1] += s11
-            o1[i + 2] += s12
-            o1[i + 3] += s13
-            o2[i] += s20
-            o2[i + 1] += s21
-            o2[i + 2] += s22
-            o2[i + 3] += s23
-            o3[i] += s30
-            o3[i + 1] += s31
-            o3[i + 2] += s32
-            o3[i + 3] += s33
-        for i in range(N4, N):
-            for q in range(4):
-                out[r + q, i] += _dot1(a[r + q], M[i], K)
-    for r in range(R4, n):
-        for i in range(N):
-            out[r, i] += _dot1(a[r], M[i], K)
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
@@ -369,7 +280,7 @@ def lstm_train_backward(dout, U, mask, nact, reverse, gates, actc, cprev, dz, dh
         for r in range(n):
             for j in range(H):
                 dhu[r, j] = 0
-        _dot_rows(dz[t], n, U, dhu)
+        dot_rows_acc(dz[t], n, U, dhu)
         for r in range(n):
             if mask[t, r] != 0:
                 for j in range(H):

@@ -6,15 +6,15 @@ read in place by ``lstm_cpu.lstm_chunk_fused``; the Dense (no bias, no activatio
 caller adds both directions' partial logits, the bias and the activation) runs on each
 chunk of outputs while it is in cache, as one product over all the chunk's rows:
 the columns that fill whole vectors in the register tiles of ``tile_cpu``, the last
-K % V as dot products with the kernel's columns stored contiguously.  One call does every chunk, so a direction costs one Python-to-Numba call
-(and one release of the GIL) per batch, and it can run on a thread that never takes
-the GIL.
+K % V as dot products with the kernel's columns stored contiguously.  One call does
+every chunk, so a direction costs one Python-to-Numba call (and one release of the
+GIL) per batch, and it can run on a thread that never takes the GIL.
 """
 from numba import njit
 
 from ..config import NJIT_OPTS
 from .lstm_cpu import lstm_chunk_fused
-from .tile_cpu import gemm_rows_acc_vec
+from .tile_cpu import dot_rows_acc, gemm_rows_acc_vec
 
 
 @njit(**NJIT_OPTS)
@@ -68,14 +68,7 @@ def lstm_table_dense(table, ids, mask, Ub, b, WdX, h, c, seen, reverse, flip_out
             for k in range(K):
                 yb[i, k] = 0.0
         NV = gemm_rows_acc_vec(A, rows, 0, H, Wd, yb)
-        for i in range(rows):
-            a = A[i]
-            for q in range(L):
-                w = WdL[q]
-                acc = a.dtype.type(0)
-                for k in range(H):
-                    acc += a[k] * w[k]
-                yb[i, NV + q] = acc
+        dot_rows_acc(A, rows, WdL, yb[:, NV:])
         for r in range(B):
             for s in range(n):
                 t = T - 1 - (s0 + s) if flip_out else s0 + s
