@@ -61,7 +61,7 @@ def main():
             idx = np.arange(M * T, dtype=np.int64).reshape(M, T)
             r_f = rate(lambda: lstm_cpu.lstm_chunk_fused(src, idx, Ub, b, hs, cs, seen,
                                                          mask, z, out, False, False, 1,
-                                                         2),
+                                                         2, False),
                        flops * T)
             print(f"{M:3d} x {H:4d}  {r_np:14.1f}  {r_t:8.1f}  {r_f:13.1f}")
 

@@ -234,9 +234,12 @@ def table_dense_pair(ids, m8, parts, bd, activation):
 
     ids: [B, T] int64 token ids; m8: [B, T] uint8 mask or None
     parts: for each direction (table [V, 4H], Ub = block_columns(U), b [4H], WdX (its
-    rows of the Dense kernel, dense_pack), reverse, flip_out, zero_output, act, rec)
-    (see ``lstm_table_dense``); bd: [K] the Dense bias.
+    rows of the Dense kernel, dense_pack), reverse, flip_out, zero_output, act, rec,
+    u_finite (U has no inf or NaN)) (see ``lstm_table_dense``); bd: [K] the Dense bias.
     Returns y [B, T, K].
+
+    The state starts at zero, so with a finite U each row's first unmasked step skips
+    its h U (``skip_fresh``).
     """
     B, T = ids.shape
     dt = parts[0][0].dtype
@@ -244,13 +247,13 @@ def table_dense_pair(ids, m8, parts, bd, activation):
     mask = _ones(B * T).reshape(B, T) if m8 is None else m8
     jobs = []
     macs = 0
-    for table, Ub, b, WdX, reverse, flip_out, zero_output, act, rec in parts:
+    for table, Ub, b, WdX, reverse, flip_out, zero_output, act, rec, u_finite in parts:
         H = Ub.shape[1]
         G = 4 * H
         Tc = chunk_steps(B, G, dt.itemsize, T)
         jobs.append((table, ids, mask, Ub, b, WdX, np.zeros((B, H), dt),
                      np.zeros((B, H), dt), np.zeros(B, np.uint8), reverse, flip_out,
-                     zero_output, act, rec, np.empty(B * Tc, np.int64),
+                     zero_output, act, rec, u_finite, np.empty(B * Tc, np.int64),
                      np.empty(B * Tc, np.uint8),
                      np.empty((B, G), dt), np.empty(B * Tc * H, dt),
                      np.empty(B * Tc * K, dt), np.empty((B, T, K), dt)))
@@ -405,7 +408,7 @@ def _lstm_rows(xs, W, U, Ub, b, h, c, seen, m8, out, lo, hi, zero_output, act, r
                                        sb, mc, zu, oc, write, zero_output, act, rec)
         else:
             lstm_cpu.lstm_chunk_fused(src, idx, Ub, b, hb, cb, sb, mc, zu, oc, write,
-                                      zero_output, act, rec)
+                                      zero_output, act, rec, False)
         if ep is not None:
             np.matmul(hseq.reshape(rows * n, H), ep[0], out=ybuf)
             dense_cpu.bias_act_rows(ybuf, ep[1], ep[2])

@@ -213,19 +213,21 @@ class LSTM(Layer):
         is row ``i`` of the table (embeddings @ kernel), [V, 4H], built once per weights
         version; exact, since (E W)[i] = E[i] W.  With ``dense_layer`` the Dense runs on
         each chunk of outputs (as in ``forward_dense``)."""
-        table, _ = self.table_for(embedding, version)
+        table = self.table_for(embedding, version)[0]
         return self._run_cpu(ids, None, mask, dense_layer, table=table)
 
     def table_for(self, embedding, version):
         """(embeddings @ kernel [V, 4H], the recurrent kernel cut into column blocks
-        for the fused kernel), cached per weights version."""
+        for the fused kernel, whether the recurrent kernel is finite), cached per
+        weights version."""
         key = (id(embedding.embeddings), version)
         if getattr(self, "_table_key", None) != key:
             self._table = np.matmul(embedding.embeddings.astype(self.dtype, copy=False),
                                     self.kernel)
             self._blocks = _cpu.block_columns(self.recurrent_kernel)
+            self._u_finite = bool(np.isfinite(self.recurrent_kernel).all())
             self._table_key = key
-        return self._table, self._blocks
+        return self._table, self._blocks, self._u_finite
 
     def fuses_with(self, layer):
         """True when ``forward_dense`` can run this layer and the Dense ``layer``."""
@@ -296,13 +298,13 @@ class Bidirectional(Layer):
             parts = []
             # the backward layer's sequence is flipped before the merge
             for layer, half, flip in ((fwd, halves[0], False), (bwd, halves[1], True)):
-                table, blocks = layer.table_for(embedding, version)
+                table, blocks, u_finite = layer.table_for(embedding, version)
                 b = (layer.bias if layer.bias is not None
                      else np.zeros(table.shape[1], self.dtype))
                 parts.append((table, blocks, b, half.kernel_x, layer.go_backwards, flip,
                               layer.zero_output_for_mask,
                               LSTM_ACTIVATIONS[layer.activation],
-                              LSTM_ACTIVATIONS[layer.recurrent_activation]))
+                              LSTM_ACTIVATIONS[layer.recurrent_activation], u_finite))
             m8 = None if mask is None else np.ascontiguousarray(mask, dtype=bool).view(
                 np.uint8)
             return _cpu.table_dense_pair(ids, m8, parts, bd, dense_layer.activation)

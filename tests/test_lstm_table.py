@@ -30,7 +30,8 @@ def _ids(rng, B, T, V):
 
 
 def _job(rng, B=6, T=11, V=13, E=3, H=5, K=4, dtype=np.float32, reverse=False,
-         flip=False, Tc=3, zero_output=False, act=1, rec=2, ids=None, state=False):
+         flip=False, Tc=3, zero_output=False, act=1, rec=2, ids=None, state=False,
+         skip_fresh=True):
     """A job for lstm_table_dense and what it must write (float64 reference); with
     ``state``, also the reference's final (h, c)."""
     emb = rng.standard_normal((V, E))
@@ -55,7 +56,7 @@ def _job(rng, B=6, T=11, V=13, E=3, H=5, K=4, dtype=np.float32, reverse=False,
     G = 4 * H
     args = (table, ids.astype(np.int64), mask.view(np.uint8), Ub, bc, WdX,
             np.zeros((B, H), dtype), np.zeros((B, H), dtype), np.zeros(B, np.uint8),
-            reverse, flip, zero_output, act, rec, np.empty(B * Tc, np.int64),
+            reverse, flip, zero_output, act, rec, skip_fresh, np.empty(B * Tc, np.int64),
             np.empty(B * Tc, np.uint8), np.empty((B, G), dtype),
             np.empty(B * Tc * H, dtype), np.full(B * Tc * K, np.nan, dtype),
             np.full((B, T, K), np.nan, dtype))
@@ -112,6 +113,35 @@ def test_final_state(rng, assert_close):
         assert list(args[8]) == [1, 1, 0, 1, 1, 1]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_skip_fresh_changes_nothing(rng, dtype, reverse):
+    """Skipping h U at each row's first unmasked step (h still zero) gives the same
+    bits as computing it: rows start at different steps (padding on either side, a
+    row of padding only), B = 9 (two groups of four rows and one single row)."""
+    ids = _ids(rng, 9, 11, 13)
+    ids[4, :5] = 0      # a group whose rows start at different steps
+    ids[8, :7] = 0      # the single row starts late
+    got = []
+    for skip in (True, False):
+        args, want = _job(np.random.default_rng(5), B=9, dtype=dtype, reverse=reverse,
+                          flip=reverse, ids=ids, skip_fresh=skip)
+        lstm_table_cpu.lstm_table_dense(*args)
+        got.append(args[-1])
+    np.testing.assert_array_equal(got[0], got[1])
+
+
+def test_non_finite_u_is_not_skipped(rng):
+    """With an inf in U, h U at the first step is NaN (0 * inf), as Keras computes it:
+    the table path runs without the skip (``u_finite`` False), and every output is
+    NaN like the reference's."""
+    args, _ = _job(rng, B=4, T=5, ids=np.ones((4, 5), np.int64), skip_fresh=False)
+    Ub = args[3]
+    Ub[0, 0, 0] = np.inf      # U[0, 0]: the input gate of unit 0, from h[0]
+    lstm_table_cpu.lstm_table_dense(*args)
+    assert np.isnan(args[-1]).all()
+
+
 needs_two_threads = pytest.mark.skipif(
     numba.config.NUMBA_NUM_THREADS < 2,
     reason="the worker thread is used only when two threads are allowed "
@@ -166,7 +196,8 @@ def test_pair_with_dozing_and_busy_worker(rng, assert_close, monkeypatch):
     ids = _ids(rng, 5, 9, 13)
     (a0, want0), (a1, want1) = (_job(rng, B=5, T=9, H=6, ids=ids),
                                 _job(rng, B=5, T=9, H=6, ids=ids, reverse=True, flip=True))
-    parts = [(a[0], a[3], a[4], a[5], a[9], a[10], a[11], a[12], a[13]) for a in (a0, a1)]
+    parts = [(a[0], a[3], a[4], a[5], a[9], a[10], a[11], a[12], a[13], a[14])
+             for a in (a0, a1)]
     m8 = a0[2]
     bd = np.zeros(a0[-1].shape[2], np.float32)
     want = want0 + want1
@@ -190,6 +221,7 @@ def test_pair_with_dozing_and_busy_worker(rng, assert_close, monkeypatch):
     full = np.where(ids == 0, 1, ids)
     (b0, v0), (b1, v1) = (_job(rng, B=5, T=9, H=6, ids=full),
                           _job(rng, B=5, T=9, H=6, ids=full, reverse=True, flip=True))
-    parts = [(a[0], a[3], a[4], a[5], a[9], a[10], a[11], a[12], a[13]) for a in (b0, b1)]
+    parts = [(a[0], a[3], a[4], a[5], a[9], a[10], a[11], a[12], a[13], a[14])
+             for a in (b0, b1)]
     got = _cpu.table_dense_pair(full, None, parts, bd, "linear")
     assert_close(got, v0 + v1, atol, rtol, what="no mask")

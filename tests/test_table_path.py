@@ -174,3 +174,27 @@ def test_bidirectional_on_float_input_two_threads(monkeypatch):
     x[0, 4:] = 0
     diff = np.abs(fastseq.from_keras(model).predict(x) - model.predict(x, verbose=0)).max()
     assert diff <= config.KERAS_PARITY_ATOL, diff
+
+
+def test_non_finite_recurrent_kernel_gives_nan_like_keras():
+    """An inf in the recurrent kernel: Keras's h U at a row's first step is NaN
+    (0 * inf), so every real token's output is NaN.  The fused path skips h U at a
+    row's first step only when U is finite; here it must not (and after
+    ``set_weights`` with finite weights again it must match Keras)."""
+    model = FUSED_BI["softmax"]()
+    ids = _ids()
+    fm = fastseq.from_keras(model)
+    weights = fm.get_weights()
+    bad = [w.copy() for w in weights]
+    bad[2][0, 0] = np.inf           # the forward LSTM's recurrent kernel
+    model.set_weights(bad)
+    fm.set_weights(bad)
+    want = model.predict(ids, verbose=0)
+    got = fm.predict(ids)
+    real = ids != 0
+    assert np.isnan(want[real]).all()
+    assert np.isnan(got[real]).all()
+    model.set_weights(weights)
+    fm.set_weights(weights)
+    diff = np.abs(fm.predict(ids) - model.predict(ids, verbose=0)).max()
+    assert diff <= config.KERAS_PARITY_ATOL, diff

@@ -19,7 +19,8 @@ from .tile_cpu import dot_rows_acc, gemm_rows_acc_vec
 
 @njit(**NJIT_OPTS)
 def lstm_table_dense(table, ids, mask, Ub, b, WdX, h, c, seen, reverse, flip_out,
-                     zero_output, act, rec, idx_buf, mask_buf, z, hseq_buf, ybuf, out):
+                     zero_output, act, rec, skip_fresh, idx_buf, mask_buf, z, hseq_buf,
+                     ybuf, out):
     """Run one LSTM direction over the batch and write its Dense partial logits.
 
     table:    [V, 4H] embeddings @ W (Keras gate order i, f, c, o)
@@ -35,6 +36,8 @@ def lstm_table_dense(table, ids, mask, Ub, b, WdX, h, c, seen, reverse, flip_out
     flip_out: write the output of processing step p at T - 1 - p instead of p (the
               backward layer of a Bidirectional, whose sequence is flipped before the
               merge; with ``reverse`` each output lands at its input time)
+    skip_fresh: h is zero in the rows not yet seen and U is finite: a row's first
+              unmasked step skips h U (see ``lstm_cpu.lstm_chunk_fused``)
     idx_buf:  [B * Tc] int64, mask_buf: [B * Tc] uint8, hseq_buf: [B * Tc * H],
               ybuf: [B * Tc * K]: scratch for one chunk of Tc steps
               (Tc = len(idx_buf) // B)
@@ -59,7 +62,7 @@ def lstm_table_dense(table, ids, mask, Ub, b, WdX, h, c, seen, reverse, flip_out
                 mc[r, s] = mask[r, t]
         hseq = hseq_buf[:B * n * H].reshape((B, n, H))
         lstm_chunk_fused(table, idx, Ub, b, h, c, seen, mc, z, hseq, True,
-                         zero_output, act, rec)
+                         zero_output, act, rec, skip_fresh)
         # the chunk's Dense, [B * n, H] @ [H, K], then each row's logits to their place
         rows = B * n
         A = hseq_buf[:rows * H].reshape((rows, H))

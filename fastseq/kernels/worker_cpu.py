@@ -84,7 +84,8 @@ def post_split_job(mb, seq, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, 
 
 @njit(**NJIT_OPTS)
 def post_table_job(mb, seq, table, ids, mask, Ub, b, WdX, h, c, seen, reverse, flip_out,
-                   zero_output, act, rec, idx_buf, mask_buf, z, hseq_buf, ybuf, out):
+                   zero_output, act, rec, skip_fresh, idx_buf, mask_buf, z, hseq_buf,
+                   ybuf, out):
     """Post a ``lstm_table_dense`` call (its arguments) as job ``seq``; the arrays must
     stay alive as for ``post_split_job``."""
     _put(mb, 0, table)
@@ -108,6 +109,7 @@ def post_table_job(mb, seq, table, ids, mask, Ub, b, WdX, h, c, seen, reverse, f
     mb[o + 2] = 1 if zero_output else 0
     mb[o + 3] = act
     mb[o + 4] = rec
+    mb[o + 5] = 1 if skip_fresh else 0
     mb[MB_KIND] = KIND_TABLE
     atomic_store(mb, MB_JOB, seq)
 
@@ -146,7 +148,8 @@ def _run_posted(mb, dt):
             _arr2(mb, 0, dt), _arr2(mb, 1, np.int64), _arr2(mb, 2, np.uint8),
             _arr3(mb, 3, dt), _arr1(mb, 4, dt), _arr1(mb, 5, dt), _arr2(mb, 6, dt),
             _arr2(mb, 7, dt), _arr1(mb, 8, np.uint8), mb[o] != 0, mb[o + 1] != 0,
-            mb[o + 2] != 0, mb[o + 3], mb[o + 4], _arr1(mb, 9, np.int64), _arr1(mb, 10, np.uint8),
+            mb[o + 2] != 0, mb[o + 3], mb[o + 4], mb[o + 5] != 0, _arr1(mb, 9, np.int64),
+            _arr1(mb, 10, np.uint8),
             _arr2(mb, 11, dt), _arr1(mb, 12, dt), _arr1(mb, 14, dt), _arr3(mb, 13, dt))
 
 
