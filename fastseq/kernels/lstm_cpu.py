@@ -182,10 +182,11 @@ def lstm_chunk_fused(src, idx, Ub, b, h, c, seen, mask, z, out, write_out, zero_
           k * JB : (k + 1) * JB)
     out:  [Bp, Tc, H] outputs of the chunk (written when write_out)
     skip_fresh: the caller's promise that h is zero in every row not yet seen (the
-          layer has no initial state) and that U is finite: a row's first unmasked
-          step then skips h U (exactly zero), and so does a group of four rows that
-          are all masked or at that first step.  A sentence of n tokens costs n - 1
-          products instead of n: the EWT test set's sentences average 12 tokens.
+          layer has no initial state) and that U is finite, so a row's h U at its
+          first unmasked step is exactly zero: a group of four rows (or a leftover
+          row) in which every row is masked or not yet seen skips the product.  In
+          length-sorted batches a sentence of n tokens then costs n - 1 products
+          instead of n (the EWT test set's sentences average 12 tokens).
 
     z += h U runs in the register tiles of ``tile_cpu`` (4 rows x 4 vectors of z held
     in registers over the whole sum over H; one-row tiles for leftover rows, plain
