@@ -152,7 +152,8 @@ class Worker:
     milliseconds after each job (``config.SPLIT_WORKER_IDLE_TICKS``) it spins, so calls
     in quick succession hand it their job in well under a microsecond; then it dozes
     (polls between sleeps of up to 1 ms, 10 ms after a second).  A caller that finds it
-    dozing pokes it to spin again for the calls to come.
+    dozing pokes it to spin again for the calls to come, on another core than the
+    caller's (``wake``).
     """
 
     def __init__(self, dtype):
@@ -169,9 +170,17 @@ class Worker:
                                        args=(self.mb, config.SPLIT_WORKER_MAX_POLLS),
                                        daemon=True, name="fastseq-worker")
         self.thread.start()
+        self.tid = getattr(self.thread, "native_id", None)
+        self.allowed = None     # the worker's own affinity while wake() narrows it
 
     def spinning(self):
-        return self.mb[self.kw.MB_STATE] == 1
+        """Whether the worker is spinning (takes a job at once); a worker woken by
+        ``wake`` gets back the cores it was allowed before."""
+        if self.mb[self.kw.MB_STATE] == 1:
+            if self.allowed is not None:
+                self._unpin()
+            return True
+        return False
 
     def busy(self):
         """Whether the worker has taken a job it has not finished (the mailbox must not
@@ -189,9 +198,38 @@ class Worker:
             self.held = [(s, r) for s, r in held if s > done]
 
     def wake(self):
-        """Make a dozing worker spin again (for SPLIT_WORKER_IDLE_TICKS as now set)."""
+        """Make a dozing worker spin again (for SPLIT_WORKER_IDLE_TICKS as now set);
+        with config.WORKER_WAKE_ELSEWHERE, on a core other than this thread's."""
         self.mb[self.kw.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
+        if config.WORKER_WAKE_ELSEWHERE and self.mb[self.kw.MB_STATE] == 2:
+            self._wake_elsewhere()
         self.mb[self.kw.MB_POKE] = 1
+
+    def _wake_elsewhere(self):
+        """Narrow the dozing worker's cores to those it may use less this thread's
+        own, so that it wakes on another one (``spinning`` widens them again once it
+        spins).  A worker that dozed on the core the caller now runs on would
+        otherwise be woken there by its nap's timer and wait behind the caller, as
+        the scheduler does not move it to an idle core until a tick later."""
+        cpu = _this_cpu()
+        if cpu < 0 or self.tid is None:
+            return
+        try:
+            allowed = self.allowed if self.allowed is not None else \
+                os.sched_getaffinity(self.tid)
+            others = allowed - {cpu}
+            if others:
+                os.sched_setaffinity(self.tid, others)
+                self.allowed = allowed
+        except OSError:     # the thread is gone, or its affinity is not ours to set
+            pass
+
+    def _unpin(self):
+        try:
+            os.sched_setaffinity(self.tid, self.allowed)
+        except OSError:
+            pass
+        self.allowed = None
 
     def stop(self):
         """Make the worker's loop return (after the job it may be running)."""
@@ -201,6 +239,28 @@ class Worker:
     def rest(self):
         """Make the worker stop spinning now (it dozes until the next poke)."""
         self.mb[self.kw.MB_IDLE] = 0
+
+
+def _libc_sched_getcpu():
+    """libc's sched_getcpu (Linux), or None."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        import ctypes
+        fn = ctypes.CDLL(None).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = []
+    return fn
+
+
+_sched_getcpu = _libc_sched_getcpu()
+
+
+def _this_cpu():
+    """The core this thread runs on now (-1 where that cannot be known)."""
+    return _sched_getcpu() if _sched_getcpu is not None else -1
 
 
 _workers = {}

@@ -96,6 +96,11 @@ SPLIT_WORKER_MAX_POLLS = 50_000_000
 # second of dozing, 10 ms later).
 SPLIT_WAKE_WAIT_MACS = 100_000_000
 SPLIT_WAKE_WAIT_S = 0.002
+# Whether waking a dozing worker first keeps it off the waking thread's core (for that
+# wake-up only; _threads.Worker.wake).  Without it, a worker whose last core is the
+# caller's was seen to wake there, queued behind the caller for a scheduler tick (4 ms
+# here) while the other core idled: calls ran alone until then, one took 4-6 ms.
+WORKER_WAKE_ELSEWHERE = True
 # At interpreter exit, how long to wait for each worker thread to stop (one still
 # compiling its loop on a cold cache needs seconds; see _threads._stop_workers_at_exit).
 WORKER_EXIT_WAIT_S = 120.0

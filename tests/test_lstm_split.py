@@ -368,6 +368,63 @@ def test_worker_sleeps_and_wakes(rng, assert_close, monkeypatch):
         time.sleep(0.001)
 
 
+def _last_cpu(tid):
+    """The core thread ``tid`` of this process last ran on (/proc, field 39)."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2:].split()[36])
+
+
+needs_two_cores = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2
+    or _threads._this_cpu() < 0,
+    reason="keeping the worker off the caller's core needs Linux and two usable cores")
+
+
+@needs_two_threads
+@needs_two_cores
+@pytest.mark.parametrize("elsewhere", [True, False])
+def test_wake_keeps_the_worker_off_the_callers_core(monkeypatch, elsewhere):
+    """A dozing worker is woken on another core than the caller's: its allowed cores
+    leave out the caller's until it spins, then are what they were.  (A worker that
+    dozed on the caller's core was seen to wake there, behind the caller, for a
+    scheduler tick of 4 ms.)  With config.WORKER_WAKE_ELSEWHERE off, wake() leaves
+    them alone."""
+    monkeypatch.setattr(config, "WORKER_WAKE_ELSEWHERE", elsewhere)
+    monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)
+    w = _spinning_worker(np.float32)
+    allowed = os.sched_getaffinity(w.tid)
+    mine = os.sched_getaffinity(0)
+    try:
+        cpu = _threads._this_cpu()
+        os.sched_setaffinity(0, {cpu})      # this thread stays on that core meanwhile
+        # the worker dozes, last on this core (it ran its last poll there)
+        os.sched_setaffinity(w.tid, {cpu})
+        w.rest()
+        deadline = time.monotonic() + 10
+        while w.mb[worker_cpu.MB_STATE] != 2:
+            assert time.monotonic() < deadline, "the worker never started dozing"
+            time.sleep(0.001)
+        os.sched_setaffinity(w.tid, allowed)
+        w.wake()
+        if elsewhere:
+            assert os.sched_getaffinity(w.tid) == allowed - {cpu}
+        else:
+            assert os.sched_getaffinity(w.tid) == allowed
+        deadline = time.monotonic() + 10
+        while w.mb[worker_cpu.MB_STATE] != 1:
+            assert time.monotonic() < deadline, "the worker did not wake"
+            time.sleep(0.001)
+        if elsewhere:
+            assert _last_cpu(w.tid) != cpu, "the worker woke on the caller's core"
+        assert w.spinning()
+        assert os.sched_getaffinity(w.tid) == allowed
+        assert w.allowed is None
+    finally:
+        os.sched_setaffinity(0, mine)
+        os.sched_setaffinity(w.tid, allowed)
+
+
 @needs_two_threads
 def test_long_job_waits_for_a_dozing_worker(rng, assert_close, counted, monkeypatch):
     """A long job that finds the worker dozing wakes it and waits for it (up to
