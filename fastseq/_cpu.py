@@ -34,7 +34,8 @@ def chunk_steps(rows, G, itemsize, T):
 
 
 def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
-                 zero_output_for_mask, act, rec, epilogue=None, table=None):
+                 zero_output_for_mask, act, rec, epilogue=None, table=None,
+                 split_pack=None):
     """x [B, T, D], W [D, 4H], U [H, 4H], b [4H], h0/c0 [B, H] or None, mask [B, T]
     bool or None.  Returns (output, h, c): output is [B, T, H] (processing order) with
     return_sequences, else the last output [B, H].
@@ -46,6 +47,10 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
     table: optional [V, 4H] = embeddings @ W for an LSTM fed by an Embedding; then ``x``
     is the token ids [B, T] and the input projection of a step is a row lookup (exact:
     (E W)[id] = E[id] W), and W is not used.
+
+    split_pack: optional callable returning W, U and b packed for the two-thread split
+    (``split_pack_of``), for a caller that keeps them from call to call; without it a
+    split call packs them itself.
     """
     B, T = x.shape[:2]
     D = 0 if table is not None else x.shape[2]
@@ -77,7 +82,7 @@ def lstm_forward(x, W, U, b, h0, c0, mask, *, go_backwards, return_sequences,
     K = 0 if ep is None else ep[0].shape[1]
     if _use_unit_split(B, T, D, H, table, go_backwards):
         _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output_for_mask,
-                         act, rec)
+                         act, rec, None if split_pack is None else split_pack())
         return _finish(out, h, c, seen, m8, T, return_sequences, zero_output_for_mask)
     blocks = split(B, macs_per_row=T * (D * G + H * G + H * K))
     Ub = block_columns(U)
@@ -140,9 +145,19 @@ def _split_macs(B, T, D, H):
 _run_part = lstm_split_cpu.lstm_units_split
 
 
-def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec):
+def split_pack_of(W, U, b):
+    """W [D, 4H], U [H, 4H] and b [4H] packed for the two-thread split: [2, n], row q
+    the columns of slice q's units (kernels/lstm_split_cpu.pack_slices)."""
+    packed = np.empty((2, lstm_split_cpu.pack_size(W.shape[0], U.shape[0])), U.dtype)
+    lstm_split_cpu.pack_slices(W, U, b, packed)
+    return packed
+
+
+def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec,
+                     packed=None):
     """The whole sequence on two threads, each owning half of the hidden units
-    (kernels/lstm_split_cpu.py); h, c, seen and out are updated in place."""
+    (kernels/lstm_split_cpu.py); h, c, seen and out are updated in place.  packed:
+    W, U and b as ``split_pack_of`` gives them, or None (each part packs its own)."""
     B, T, D = x.shape
     H = U.shape[0]
     dt = U.dtype
@@ -161,11 +176,14 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
         seqbuf = np.empty((1, 1, 1), dt)
         ybuf = np.empty((2, 1, 1), dt)
     o = out if out is not None else np.empty((1, 1, 1), dt)
-    scratch = np.empty((3, lstm_split_cpu.scratch_size(B, Tc, D, H)), dt)
+    pack = packed is None
+    if pack:
+        packed = np.empty((3, lstm_split_cpu.pack_size(D, H)), dt)
+    work = np.empty((3, lstm_split_cpu.work_size(B, Tc, H)), dt)
     sync = np.zeros(sync_cpu.SYNC_SIZE, np.int64)
 
-    args = (x, W, U, b, hbuf, c, seen, mask, Tc, scratch, seqbuf, o, mode, Wd, bd, code,
-            ybuf, zero_output, act, rec)
+    args = (x, W, U, b, hbuf, c, seen, mask, Tc, packed, pack, work, seqbuf, o, mode, Wd,
+            bd, code, ybuf, zero_output, act, rec)
     kw = worker_cpu
     worker = _threads.worker(dt, start=False)
     if worker is None:
@@ -192,7 +210,7 @@ def _lstm_unit_split(x, W, U, b, h, c, seen, m8, out, ep, zero_output, act, rec)
                 seq = worker.seq
                 # kept alive until the worker is done with the job, whatever happens
                 # here (held before the job exists, so no interrupt can come between)
-                worker.hold(seq, (sync, scratch) + args)
+                worker.hold(seq, (sync,) + args)
                 ran = -1
                 try:
                     kw.post_split_job(worker.mb, seq, sync, config.SPLIT_CLAIM_TICKS,

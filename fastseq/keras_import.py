@@ -161,14 +161,16 @@ class LSTM(Layer):
         self._dev = _cuda.upload_lstm_weights(self.kernel, self.recurrent_kernel,
                                               self.bias, dtype=self.dtype)
 
-    def forward_dense(self, x, mask, dense_layer, device="auto"):
+    def forward_dense(self, x, mask, dense_layer, device="auto", version=None):
         """This layer (with return_sequences) followed by ``dense_layer`` in one pass
-        (``fastseq.ops.lstm_dense``); the mask passes through both."""
+        (``fastseq.ops.lstm_dense``); the mask passes through both.  ``version``: the
+        model's weights version, under which the weights packed for the two-thread
+        split are kept (None: packed at each call)."""
         if device in ("auto", "cpu") and isinstance(x, np.ndarray):
             # host input on the CPU: the weights were checked at import, so the
             # argument checks of the public op are skipped (tens of microseconds,
             # which matter at batch 1)
-            return self._forward_dense_cpu(x, mask, dense_layer), mask
+            return self._forward_dense_cpu(x, mask, dense_layer, version), mask
         y = lstm_dense(self._cast(x), self.kernel, self.recurrent_kernel, self.bias,
                        dense_layer.kernel, dense_layer.bias, dense_layer.activation,
                        mask=mask, go_backwards=self.go_backwards,
@@ -177,13 +179,14 @@ class LSTM(Layer):
                        recurrent_activation=self.recurrent_activation, device=device)
         return y, mask
 
-    def _forward_dense_cpu(self, x, mask, dense_layer):
+    def _forward_dense_cpu(self, x, mask, dense_layer, version=None):
         return self._run_cpu(np.ascontiguousarray(self._cast(x)), self.kernel, mask,
-                             dense_layer)
+                             dense_layer, version=version)
 
-    def _run_cpu(self, x, W, mask, dense_layer=None, table=None):
+    def _run_cpu(self, x, W, mask, dense_layer=None, table=None, version=None):
         """The CPU driver on checked host arrays: x [B, T, D] with kernel W, or token ids
-        [B, T] with the (embeddings @ W) ``table``; ``dense_layer`` as the epilogue."""
+        [B, T] with the (embeddings @ W) ``table``; ``dense_layer`` as the epilogue;
+        ``version`` as in ``forward_dense``."""
         U = self.recurrent_kernel
         b = self.bias if self.bias is not None else np.zeros(U.shape[1], self.dtype)
         ep = None
@@ -193,13 +196,27 @@ class LSTM(Layer):
                   else np.zeros(K, self.dtype))
             ep = (dense_layer.kernel, bd, dense_layer.activation)
         m = None if mask is None else np.ascontiguousarray(mask, dtype=bool)
+        pack = None
+        if version is not None and W is not None:
+            def pack():
+                return self.split_pack(b, version)
         return _cpu.lstm_forward(
             x, W, U, b, None, None, m, go_backwards=self.go_backwards,
             return_sequences=self.return_sequences,
             zero_output_for_mask=self.zero_output_for_mask,
             act=LSTM_ACTIVATIONS[self.activation],
             rec=LSTM_ACTIVATIONS[self.recurrent_activation], epilogue=ep,
-            table=table)[0]
+            table=table, split_pack=pack)[0]
+
+    def split_pack(self, b, version):
+        """kernel, recurrent kernel and bias ``b`` packed for the two-thread split of
+        small batches (``_cpu.split_pack_of``), cached per weights version (built at
+        the first call that runs split)."""
+        key = (id(self.kernel), id(self.recurrent_kernel), id(self.bias), version)
+        if getattr(self, "_split_key", None) != key:
+            self._split_pack = _cpu.split_pack_of(self.kernel, self.recurrent_kernel, b)
+            self._split_key = key
+        return self._split_pack
 
     def macs(self, shape):
         """Multiply-adds of a pass over input of ``shape`` [B, T, D] (D = 0: the input
@@ -617,7 +634,8 @@ class Model:
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             if type(layer) is LSTM and layer.fuses_with(nxt) and layer._dev is None:
                 # LSTM -> Dense tagger head: one pass, no [B, T, H] intermediate
-                x, mask = layer.forward_dense(x, mask, nxt, self.device)
+                x, mask = layer.forward_dense(x, mask, nxt, self.device,
+                                              getattr(self, "_weights_version", 0))
                 i += 2
                 continue
             x, mask = layer.forward(x, mask, self.device)

@@ -188,8 +188,10 @@ def test_split_not_taken(rng, counted, monkeypatch):
     assert len(counted) == 1
 
 
-def _job(rng, B=2, T=13, D=5, H=9, K=4, dtype=np.float32, Tc=4):
-    """Arguments of lstm_units_split for one job (epilogue mode), and its reference."""
+def _job(rng, B=2, T=13, D=5, H=9, K=4, dtype=np.float32, Tc=4, prepacked=False):
+    """Arguments of lstm_units_split for one job (epilogue mode), and its reference;
+    with ``prepacked``, W, U and b come packed (``_cpu.split_pack_of``, as an imported
+    model keeps them), else each part packs its own slice."""
     x, W, U, b, Wd, bd = _data(rng, B, T, D, H, K, dtype)
     mask = rng.random((B, T)) > 0.3
     want = ref_dense(ref_lstm(x, W, U, b, mask=mask, return_sequences=True), Wd, bd,
@@ -200,7 +202,10 @@ def _job(rng, B=2, T=13, D=5, H=9, K=4, dtype=np.float32, Tc=4):
         sync=np.zeros(sync_cpu.SYNC_SIZE, np.int64), x=x, W=W, U=U, b=b, hbuf=hbuf,
         c=np.zeros((B, H), dtype), seen=np.zeros(B, np.uint8),
         mask=np.ascontiguousarray(mask.view(np.uint8)), Tc=Tc,
-        scratch=np.empty((3, lstm_split_cpu.scratch_size(B, Tc, D, H)), dtype),
+        packed=(_cpu.split_pack_of(W, U, b) if prepacked else
+                np.full((3, lstm_split_cpu.pack_size(D, H)), np.nan, dtype)),
+        pack=not prepacked,
+        work=np.full((3, lstm_split_cpu.work_size(B, Tc, H)), np.nan, dtype),
         seqbuf=np.empty((B, Tc, H), dtype), out=out, Wd=Wd, bd=bd,
         ybuf=np.empty((2, B * Tc, K), dtype))
     return state, want
@@ -209,23 +214,26 @@ def _job(rng, B=2, T=13, D=5, H=9, K=4, dtype=np.float32, Tc=4):
 def _post(mb, seq, st, spins):
     worker_cpu.post_split_job(
         mb, seq, st["sync"], spins, st["x"], st["W"], st["U"], st["b"], st["hbuf"],
-        st["c"], st["seen"], st["mask"], st["Tc"], st["scratch"], st["seqbuf"],
-        st["out"], lstm_split_cpu.OUT_EPILOGUE, st["Wd"], st["bd"], 100, st["ybuf"],
+        st["c"], st["seen"], st["mask"], st["Tc"], st["packed"], st["pack"], st["work"],
+        st["seqbuf"], st["out"], lstm_split_cpu.OUT_EPILOGUE, st["Wd"], st["bd"], 100, st["ybuf"],
         False, 1, 2)
 
 
 def _part(p, st, spins):
     return lstm_split_cpu.lstm_units_split(
         p, st["sync"], spins, st["x"], st["W"], st["U"], st["b"], st["hbuf"], st["c"],
-        st["seen"], st["mask"], st["Tc"], st["scratch"], st["seqbuf"], st["out"],
-        lstm_split_cpu.OUT_EPILOGUE, st["Wd"], st["bd"], 100, st["ybuf"], False, 1, 2)
+        st["seen"], st["mask"], st["Tc"], st["packed"], st["pack"], st["work"],
+        st["seqbuf"], st["out"], lstm_split_cpu.OUT_EPILOGUE, st["Wd"], st["bd"], 100, st["ybuf"], False, 1, 2)
 
 
+@pytest.mark.parametrize("prepacked", [False, True])
 @pytest.mark.parametrize("first", [0, 1])
-def test_part_alone_then_late_part_does_nothing(rng, assert_close, first):
+def test_part_alone_then_late_part_does_nothing(rng, assert_close, first, prepacked):
     """A part that finds no partner runs the whole job alone (no barrier, no wait);
-    the other part, arriving later, returns 0 and writes nothing."""
-    st, want = _job(rng)
+    the other part, arriving later, returns 0 and writes nothing (the weights given
+    packed are only read)."""
+    st, want = _job(rng, prepacked=prepacked)
+    packed = st["packed"].copy()
     assert _part(first, st, 0) == 1
     atol, rtol = config.tolerance(np.float32)
     assert_close(st["out"], want, atol, rtol, what=f"part {first} alone")
@@ -233,6 +241,8 @@ def test_part_alone_then_late_part_does_nothing(rng, assert_close, first):
     assert _part(1 - first, st, 0) == 0
     for a, b in zip(before, (st["out"], st["hbuf"], st["c"])):
         np.testing.assert_array_equal(a, b)
+    if prepacked:
+        np.testing.assert_array_equal(st["packed"], packed)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -257,12 +267,15 @@ def test_lockstep_equals_alone_bit_for_bit(rng, B, H, Tc):
     """Each step is pipelined across the exchange of h: a part sums its own units of
     the new h before it waits for the other half.  The sums are ordered the same way
     when one part runs the job alone, so the two must agree bit for bit; a part that
-    read a stale half of h (a missing wait) would not."""
+    read a stale half of h (a missing wait) would not.  Weights packed by the parts
+    themselves (alone) or given packed (together, every other trial) give the same
+    bits too."""
     for trial in range(25):
         seed = int(rng.integers(1 << 30))
         alone, _ = _job(np.random.default_rng(seed), B=B, T=23, H=H, Tc=Tc)
         assert _part(trial % 2, alone, 0) == 1
-        both, _ = _job(np.random.default_rng(seed), B=B, T=23, H=H, Tc=Tc)
+        both, _ = _job(np.random.default_rng(seed), B=B, T=23, H=H, Tc=Tc,
+                       prepacked=trial % 2 == 1)
         ran = {}
         th = threading.Thread(target=lambda: ran.setdefault(1, _part(1, both, 10 ** 9)))
         th.start()
@@ -295,8 +308,8 @@ def test_worker_serves_posted_jobs(rng, assert_close, monkeypatch, dtype):
     w = _spinning_worker(dtype)
     atol, rtol = config.tolerance(dtype)
     with w.lock:
-        for _ in range(5):
-            st, want = _job(rng, B=3, T=11, H=10, dtype=dtype)
+        for i in range(6):
+            st, want = _job(rng, B=3, T=11, H=10, dtype=dtype, prepacked=i % 2 == 1)
             w.seq += 1
             _post(w.mb, w.seq, st, 10 ** 9)
             assert _part(0, st, 10 ** 9) == 2
@@ -523,3 +536,47 @@ def test_wait_for_workers():
         assert _threads.wait_for_workers(timeout=1.0)
     finally:
         del _threads._workers[key]
+
+
+@needs_two_threads
+def test_imported_model_keeps_packed_weights_until_they_change(rng, counted,
+                                                               monkeypatch):
+    """An imported LSTM -> Dense tagger keeps its weights packed for the split from call
+    to call, and packs them again once training or set_weights changes them: every
+    prediction equals, bit for bit, the public op on the weights as they are then
+    (which packs them at each call)."""
+    import keras
+    from fastseq import training
+    monkeypatch.setattr(config, "MIN_MACS_PER_THREAD", 1)
+    monkeypatch.setattr(config, "SPLIT_UNITS_MIN_STEP_MACS", 0)
+    monkeypatch.setattr(config, "SPLIT_WORKER_IDLE_TICKS", 1 << 62)
+    monkeypatch.setattr(config, "SPLIT_CLAIM_TICKS", 10 ** 9)
+    T, D, H, K = 12, 6, 16, 5
+    model = keras.Sequential([keras.Input((T, D)),
+                              keras.layers.LSTM(H, return_sequences=True),
+                              keras.layers.TimeDistributed(
+                                  keras.layers.Dense(K, activation="softmax"))])
+    fm = fastseq.from_keras(model)
+    lstm, dense = fm.layers
+    x = rng.standard_normal((1, T, D)).astype(np.float32)
+    _spinning_worker(np.float32)
+
+    def direct():
+        return lstm_dense(x, lstm.kernel, lstm.recurrent_kernel, lstm.bias,
+                          dense.kernel, dense.bias, "softmax")
+
+    y0 = fm.predict(x)
+    assert counted and all(r in (1, 2) for r in counted), counted
+    packed = lstm._split_pack
+    np.testing.assert_array_equal(y0, direct())
+    np.testing.assert_array_equal(fm.predict(x), y0)
+    assert lstm._split_pack is packed, "the packed weights were not kept"
+    training.compile(fm, optimizer="sgd")
+    training.train_on_batch(fm, x, rng.integers(0, K, size=(1, T)))
+    y1 = fm.predict(x)
+    assert not np.array_equal(y1, y0), "training did not change the prediction"
+    np.testing.assert_array_equal(y1, direct())
+    training.set_weights(fm, [w * 0.5 for w in training.get_weights(fm)])
+    y2 = fm.predict(x)
+    assert not np.array_equal(y2, y1)
+    np.testing.assert_array_equal(y2, direct())

@@ -14,8 +14,11 @@ double-buffered (step s reads h[s % 2] and writes h[(s + 1) % 2]), so one exchan
 step is enough.  Every pre-activation adds its own slice's units first, then the
 others', in the split and in the alone runs alike.
 
-Each part computes its own columns of the input projection x W for a chunk of steps, so
-no [B, T, 4H] buffer exists.  With a Dense epilogue the chunk's outputs go to a shared
+Each part reads its slice's columns of W, U and b packed contiguously (``packed``): packed
+once per set of weights by the caller (``pack_slices``; an imported model keeps them), or
+by each part for its own slice at the start of the job.  Each part computes its own
+columns of the input projection x W for a chunk of steps, so no [B, T, 4H] buffer
+exists.  With a Dense epilogue the chunk's outputs go to a shared
 [B, Tc, H] buffer; after a barrier each part applies the Dense (+ activation) to half
 of the chunk's rows, then a second barrier protects the buffer until both are done.
 
@@ -134,7 +137,7 @@ def _finish_step(s, t, u0, u1, Up, z, hc, hn, c, seen, mask, seqbuf, out, out_mo
 
 @njit(**NJIT_OPTS)
 def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, Tc,
-                     scratch, seqbuf, out, out_mode, Wd, bd, dense_code, ybuf,
+                     packed, pack, work, seqbuf, out, out_mode, Wd, bd, dense_code, ybuf,
                      zero_output, act, rec):
     """Run all T steps for part ``part`` (0 or 1) of a job.  The caller runs part 0;
     a pool thread runs part 1, posted to it with ``post_job`` (it runs ``serve_*``).
@@ -153,10 +156,14 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
     seen:    [Bp] uint8, updated in place (row has had an unmasked step)
     mask:    [Bp, T] uint8 (1 = step is computed), processing order
     Tc:      steps per chunk
-    scratch: [3, n_scratch] float, one row per slice in use: its packed W, U, b, its
-             input projection [Bp, Tc, 4 Hh] and pre-activations [Bp, 4 Hh]
-             (n_scratch = scratch_size(Bp, Tc, D, H)); rows 0 and 1 for parts 0 and 1,
-             row 2 for the second slice of a part running alone
+    packed:  [2 or 3, pack_size(D, H)] float: row q holds slice q's columns of W, U
+             and b, packed (``pack_slices``).  With ``pack`` false it is filled already
+             (rows 0 and 1) and only read.  With ``pack`` true ([3, ...]) each part packs
+             its own slice into its row first, and a part running alone packs the other
+             slice into row 2 (the late part may still be writing its own row)
+    work:    [3, work_size(Bp, Tc, H)] float, one row per slice in use: its input
+             projection [Bp, Tc, 4 Hh] and pre-activations [Bp, 4 Hh]; rows 0 and 1 for
+             parts 0 and 1, row 2 for the second slice of a part running alone
     seqbuf:  [Bp, Tc, H] shared chunk of outputs (out_mode OUT_EPILOGUE), else unused
     out:     [Bp, T, H] (OUT_SEQUENCE) or [Bp, T, K] (OUT_EPILOGUE); unused for OUT_NONE
     Wd, bd:  [H, K], [K] Dense epilogue and its activation code (OUT_EPILOGUE)
@@ -166,21 +173,27 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
     """
     Bp, T, D = x.shape
     H = U.shape[0]
-    # each part packs its slice and projects the first chunk before it looks for the
-    # other part (which meanwhile may still be starting)
+    # each part packs its slice (when asked) and projects the first chunk before it
+    # looks for the other part (which meanwhile may still be starting)
     first = min(Tc, T)
-    _prepare(part, part, x, W, U, b, scratch, Tc, first)
+    _prepare(part, part, part, pack, x, W, U, b, packed, work, Tc, first)
     nparts = claim(sync, part, claim_ticks)
     if nparts == 0:
         return 0
-    # scratch row of each slice: its own part's row when both run; the part running
-    # alone keeps its row for its slice and uses row 2 for the other one, because the
-    # late part may still be writing its own row before it finds the job taken
+    # work (and, when packing, packed) row of each slice: its own part's row when both
+    # run; the part running alone keeps its row for its slice and uses row 2 for the
+    # other one, because the late part may still be writing its own rows before it
+    # finds the job taken (packed weights given ready are only read: their own rows)
     rows = np.empty(2, np.int64)
+    prow = np.empty(2, np.int64)
+    prow[0] = 0
+    prow[1] = 1
     if nparts == 1:
         rows[part] = part
         rows[1 - part] = 2
-        _prepare(1 - part, 2, x, W, U, b, scratch, Tc, first)
+        if pack:
+            prow[1 - part] = 2
+        _prepare(1 - part, prow[1 - part], 2, pack, x, W, U, b, packed, work, Tc, first)
         q_lo, q_hi = 0, 2
     else:
         rows[0] = 0
@@ -194,7 +207,8 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
     for t0 in range(0, T, Tc):
         n = min(Tc, T - t0)
         for q in range(q_lo, q_hi):
-            Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
+            Wp, Up, bp = _packed_views(packed[prow[q]], D, H, q)
+            xw, z = _work_views(work[rows[q]], Bp, Tc, H, q)
             if t0 > 0:
                 _project(x, t0, n, Wp, bp, xw)
             u0, u1 = _slice_units(q, H)
@@ -208,7 +222,8 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
             # two parts: one slice each; one part alone: slice 1's step reads only hc,
             # so slice 0 may start its next step before it
             for q in range(q_lo, q_hi):
-                Wp, Up, bp, xw, z = _views(scratch[rows[q]], Bp, Tc, D, H, q)
+                Wp, Up, bp = _packed_views(packed[prow[q]], D, H, q)
+                xw, z = _work_views(work[rows[q]], Bp, Tc, H, q)
                 u0, u1 = _slice_units(q, H)
                 _finish_step(s, t, u0, u1, Up, z, hc, hn, c, seen, mask, seqbuf, out,
                              out_mode, zero_output, act, rec)
@@ -250,36 +265,63 @@ def lstm_units_split(part, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, T
 
 
 @njit(**NJIT_INLINE_OPTS)
-def scratch_size(Bp, Tc, D, H):
-    """Floats of one slice's scratch (sized for the larger slice, H - H // 2 units)."""
+def pack_size(D, H):
+    """Floats of one slice's packed W, U and b (sized for the larger slice, H - H // 2
+    units)."""
     G = 4 * (H - H // 2)
-    return D * G + H * G + G + Bp * Tc * G + Bp * G
+    return D * G + H * G + G
 
 
 @njit(**NJIT_INLINE_OPTS)
-def _views(buf, Bp, Tc, D, H, q):
-    """Slice q's packed W, U, b, input projection and pre-activations, views of buf."""
+def work_size(Bp, Tc, H):
+    """Floats of one slice's input projection and pre-activations (larger slice)."""
+    G = 4 * (H - H // 2)
+    return Bp * Tc * G + Bp * G
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _packed_views(buf, D, H, q):
+    """Slice q's packed W [D, 4 Hh], U [H, 4 Hh] and b [4 Hh], views of buf."""
     u0, u1 = _slice_units(q, H)
     G = 4 * (u1 - u0)
-    o = 0
-    Wp = buf[o:o + D * G].reshape((D, G))
-    o += D * G
-    Up = buf[o:o + H * G].reshape((H, G))
-    o += H * G
-    bp = buf[o:o + G]
-    o += G
-    xw = buf[o:o + Bp * Tc * G].reshape((Bp, Tc, G))
-    o += Bp * Tc * G
-    z = buf[o:o + Bp * G].reshape((Bp, G))
-    return Wp, Up, bp, xw, z
+    Wp = buf[:D * G].reshape((D, G))
+    Up = buf[D * G:D * G + H * G].reshape((H, G))
+    bp = buf[D * G + H * G:D * G + H * G + G]
+    return Wp, Up, bp
 
 
 @njit(**NJIT_INLINE_OPTS)
-def _prepare(q, row, x, W, U, b, scratch, Tc, n):
-    """Pack slice q's weights into scratch[row] and project the first chunk (n steps)."""
+def _work_views(buf, Bp, Tc, H, q):
+    """Slice q's input projection [Bp, Tc, 4 Hh] and pre-activations [Bp, 4 Hh]."""
+    u0, u1 = _slice_units(q, H)
+    G = 4 * (u1 - u0)
+    xw = buf[:Bp * Tc * G].reshape((Bp, Tc, G))
+    z = buf[Bp * Tc * G:Bp * Tc * G + Bp * G].reshape((Bp, G))
+    return xw, z
+
+
+@njit(**NJIT_OPTS)
+def pack_slices(W, U, b, packed):
+    """Both slices' columns of W [D, 4H], U [H, 4H] and b [4H], packed into rows 0 and
+    1 of packed [>= 2, pack_size(D, H)] (what ``lstm_units_split`` reads with ``pack``
+    false)."""
+    D = W.shape[0]
+    H = U.shape[0]
+    for q in range(2):
+        Wp, Up, bp = _packed_views(packed[q], D, H, q)
+        u0, u1 = _slice_units(q, H)
+        _pack_slice(W, U, b, u0, u1, Wp, Up, bp)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def _prepare(q, prow, wrow, pack, x, W, U, b, packed, work, Tc, n):
+    """Pack slice q's weights into packed[prow] when ``pack``, and project the first
+    chunk (n steps) into work[wrow]."""
     Bp, T, D = x.shape
     H = U.shape[0]
-    Wp, Up, bp, xw, z = _views(scratch[row], Bp, Tc, D, H, q)
-    u0, u1 = _slice_units(q, H)
-    _pack_slice(W, U, b, u0, u1, Wp, Up, bp)
+    Wp, Up, bp = _packed_views(packed[prow], D, H, q)
+    xw, z = _work_views(work[wrow], Bp, Tc, H, q)
+    if pack:
+        u0, u1 = _slice_units(q, H)
+        _pack_slice(W, U, b, u0, u1, Wp, Up, bp)
     _project(x, 0, n, Wp, bp, xw)

@@ -4,7 +4,7 @@ and spins for a while after each job, so a job posted in quick succession starts
 a microsecond (a Python thread pool needs a futex wake-up, tens to hundreds of
 microseconds on this VM, per hand-off).
 
-A job is posted by address in an int64 mailbox [MB_SIZE]: up to 15 arrays as
+A job is posted by address in an int64 mailbox [MB_SIZE]: up to 16 arrays as
 (address, shape0, shape1, shape2) and 8 scalars, then its sequence number (release
 store).  Two kinds:
 
@@ -33,8 +33,8 @@ MB_IDLE = 25        # cycle-counter ticks without a job after which the worker d
 MB_POKE = 26        # set by a caller that found the worker dozing: spin again
 MB_QUIT = 27        # set to make ``serve`` return
 MB_KIND = 28        # the posted job's kind
-MB_ARGS = 32        # 15 arrays as (address, shape0, shape1, shape2), then 8 scalars
-MB_SCALARS = MB_ARGS + 15 * 4
+MB_ARGS = 32        # 16 arrays as (address, shape0, shape1, shape2), then 8 scalars
+MB_SCALARS = MB_ARGS + 16 * 4
 MB_SIZE = MB_SCALARS + 8
 
 KIND_SPLIT = 1
@@ -51,8 +51,8 @@ def _put(mb, k, a):
 
 @njit(**NJIT_OPTS)
 def post_split_job(mb, seq, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, Tc,
-                   scratch, seqbuf, out, out_mode, Wd, bd, dense_code, ybuf, zero_output,
-                   act, rec):
+                   packed, pack, work, seqbuf, out, out_mode, Wd, bd, dense_code, ybuf,
+                   zero_output, act, rec):
     """Post part 1 of a ``lstm_units_split`` job (its arguments) as job ``seq``.
     The arrays must stay alive until mb[MB_DONE] reaches ``seq`` (``settle_job``)."""
     _put(mb, 0, sync)
@@ -64,12 +64,13 @@ def post_split_job(mb, seq, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, 
     _put(mb, 6, c)
     _put(mb, 7, seen)
     _put(mb, 8, mask)
-    _put(mb, 9, scratch)
+    _put(mb, 9, work)
     _put(mb, 10, seqbuf)
     _put(mb, 11, out)
     _put(mb, 12, Wd)
     _put(mb, 13, bd)
     _put(mb, 14, ybuf)
+    _put(mb, 15, packed)
     o = MB_SCALARS
     mb[o] = claim_ticks
     mb[o + 1] = Tc
@@ -78,6 +79,7 @@ def post_split_job(mb, seq, sync, claim_ticks, x, W, U, b, hbuf, c, seen, mask, 
     mb[o + 4] = 1 if zero_output else 0
     mb[o + 5] = act
     mb[o + 6] = rec
+    mb[o + 7] = 1 if pack else 0
     mb[MB_KIND] = KIND_SPLIT
     atomic_store(mb, MB_JOB, seq)      # release: the arguments are visible first
 
@@ -140,7 +142,8 @@ def _run_posted(mb, dt):
             np.int64(1), _arr1(mb, 0, np.int64), mb[o], _arr3(mb, 1, dt),
             _arr2(mb, 2, dt), _arr2(mb, 3, dt), _arr1(mb, 4, dt), _arr3(mb, 5, dt),
             _arr2(mb, 6, dt), _arr1(mb, 7, np.uint8), _arr2(mb, 8, np.uint8), mb[o + 1],
-            _arr2(mb, 9, dt), _arr3(mb, 10, dt), _arr3(mb, 11, dt), mb[o + 2],
+            _arr2(mb, 15, dt), mb[o + 7] != 0, _arr2(mb, 9, dt), _arr3(mb, 10, dt),
+            _arr3(mb, 11, dt), mb[o + 2],
             _arr2(mb, 12, dt), _arr1(mb, 13, dt), mb[o + 3], _arr3(mb, 14, dt),
             mb[o + 4] != 0, mb[o + 5], mb[o + 6])
     elif mb[MB_KIND] == KIND_TABLE:
