@@ -203,7 +203,7 @@ class Worker:
         self.mb[self.kw.MB_IDLE] = config.SPLIT_WORKER_IDLE_TICKS
         if config.WORKER_WAKE_ELSEWHERE and self.mb[self.kw.MB_STATE] == 2:
             self._wake_elsewhere()
-        self.mb[self.kw.MB_POKE] = 1
+        self.kw.poke(self.mb)
 
     def _wake_elsewhere(self):
         """Narrow the dozing worker's cores to those it may use less this thread's
@@ -234,7 +234,7 @@ class Worker:
     def stop(self):
         """Make the worker's loop return (after the job it may be running)."""
         self.mb[self.kw.MB_QUIT] = 1
-        self.mb[self.kw.MB_POKE] = 1
+        self.kw.poke(self.mb)
 
     def rest(self):
         """Make the worker stop spinning now (it dozes until the next poke)."""

@@ -13,7 +13,14 @@ sees the flag sees the data.
 ``sync`` arrays used with these helpers are int64 [3 * SYNC_STRIDE]: slot 0 is the claim
 word, slots SYNC_STRIDE and 2 * SYNC_STRIDE the epoch counters of parts 0 and 1, each on
 its own 64-byte cache line so the two threads do not write the same line.
+
+``futex_wait_us`` / ``futex_wake`` put a thread to sleep on an element of such an array
+and wake it (Linux futexes, through libc's ``syscall``); elsewhere the wait is a plain
+sleep and the wake does nothing.
 """
+import platform
+import sys
+
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -123,6 +130,60 @@ def os_sleep_us(typingctx, us):
         builder.call(fn, [v])
         return context.get_dummy_value()
     return types.void(us), codegen
+
+
+# Linux's futex syscall number on the architectures that have it under one number
+# (x86-64: 202, arm64: 98); None elsewhere (no futex: naps are plain sleeps).
+SYS_FUTEX = ({"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(
+    platform.machine().lower()) if sys.platform.startswith("linux")
+    and sys.byteorder == "little" else None)
+FUTEX_WAIT_PRIVATE = 128
+FUTEX_WAKE_PRIVATE = 129
+
+
+@intrinsic
+def _futex(typingctx, arr, idx, op, val, us):
+    """syscall(SYS_futex, &arr[idx] (its low 32 bits), op, val, timeout of ``us``
+    microseconds, 0, 0); returns its result (-1 on error)."""
+    _check(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        ts = cgutils.alloca_once(builder, ir.LiteralStructType([i64, i64]))
+        t = context.cast(builder, args[4], sig.args[4], types.int64)
+        million = ir.Constant(i64, 1_000_000)
+        builder.store(builder.sdiv(t, million), cgutils.gep_inbounds(builder, ts, 0, 0))
+        builder.store(builder.mul(builder.srem(t, million), ir.Constant(i64, 1000)),
+                      cgutils.gep_inbounds(builder, ts, 0, 1))
+        fnty = ir.FunctionType(i64, [i64], var_arg=True)
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "syscall")
+        return builder.call(fn, [
+            ir.Constant(i64, SYS_FUTEX), builder.ptrtoint(ptr, i64),
+            context.cast(builder, args[2], sig.args[2], types.int64),
+            context.cast(builder, args[3], sig.args[3], types.int64),
+            builder.ptrtoint(ts, i64), ir.Constant(i64, 0), ir.Constant(i64, 0)])
+    return types.int64(arr, idx, op, val, us), codegen
+
+
+@njit(**NJIT_INLINE_OPTS)
+def futex_wait_us(arr, idx, expected, us):
+    """Sleep up to ``us`` microseconds, or until ``futex_wake(arr, idx)``, if the low 32
+    bits of arr[idx] still equal ``expected`` (else return at once); a plain sleep of
+    ``us`` where there are no futexes.  May also return early for no reason: callers
+    check what they wait for."""
+    if SYS_FUTEX is None:
+        os_sleep_us(us)
+    else:
+        _futex(arr, idx, FUTEX_WAIT_PRIVATE, expected, us)
+
+
+@njit(**NJIT_INLINE_OPTS)
+def futex_wake(arr, idx):
+    """Wake a thread sleeping in ``futex_wait_us`` on arr[idx] (nothing without
+    futexes, where its sleep ends by itself)."""
+    if SYS_FUTEX is not None:
+        _futex(arr, idx, FUTEX_WAKE_PRIVATE, 1, 0)
 
 
 # Waits spin on plain loads (no PAUSE: under a hypervisor, a PAUSE loop can trigger

@@ -21,7 +21,7 @@ from ..config import NJIT_OPTS, NJIT_INLINE_OPTS
 from .lstm_split_cpu import lstm_units_split
 from .lstm_table_cpu import lstm_table_dense
 from .sync_cpu import (address_to_voidptr, atomic_cas, atomic_load, atomic_store,
-                       cycle_counter, os_sleep_us, wait_at_least)
+                       cycle_counter, futex_wait_us, futex_wake, wait_at_least)
 
 # Slots (each on its own cache line where two threads write):
 MB_JOB = 0          # sequence number of the last posted job
@@ -172,9 +172,10 @@ def take_job(mb, job, taken):
 def _serve(mb, max_polls, dt):
     """Serve jobs until mb[MB_QUIT] is set.  State 1 (spinning): poll without pause;
     after mb[MB_IDLE] ticks with no job (or ``max_polls`` polls without a counter),
-    state 2 (dozing): poll between sleeps that grow from 50 us to 1 ms (10 ms after
+    state 2 (dozing): poll between naps that grow from 50 us to 1 ms (10 ms after
     about a second), until a job or a poke (mb[MB_POKE], set by a caller that found
-    the worker dozing) comes."""
+    the worker dozing: ``poke``) comes.  A nap is a futex wait on mb[MB_POKE], which a
+    poke ends at once (a plain sleep where there are no futexes)."""
     polls = 0
     t0 = cycle_counter()
     nap = 0
@@ -189,7 +190,8 @@ def _serve(mb, max_polls, dt):
                 atomic_store(mb, MB_DONE, job)
             nap = 0
         elif nap > 0:
-            os_sleep_us(nap)
+            # a poke ends the nap at once (a futex wake, where there are futexes)
+            futex_wait_us(mb, MB_POKE, 0, nap)
             naps += 1
             if atomic_load(mb, MB_POKE) != 0:
                 atomic_store(mb, MB_POKE, 0)
@@ -227,6 +229,13 @@ def serve_float32(mb, max_polls):
 def serve_float64(mb, max_polls):
     """``serve_float32`` for float64 jobs."""
     return _serve(mb, max_polls, np.float64)
+
+
+@njit(**NJIT_OPTS)
+def poke(mb):
+    """Make a dozing worker spin again: set mb[MB_POKE] and end its nap."""
+    atomic_store(mb, MB_POKE, 1)
+    futex_wake(mb, MB_POKE)
 
 
 @njit(**NJIT_OPTS)
