@@ -472,19 +472,17 @@ class Model:
         final Bidirectional with merge_mode=None).  ``batch_size=None`` runs the whole
         input in one pass; otherwise in slices of ``batch_size`` samples."""
         x = self._check_input(x)
-        n = len(x)
         if batch_size is None:
-            step = n
-        elif isinstance(batch_size, (bool, np.bool_)) or not isinstance(
+            return self._forward(x)
+        if isinstance(batch_size, (bool, np.bool_)) or not isinstance(
                 batch_size, (int, np.integer)):
             raise TypeError(f"predict: `batch_size` must be None or a positive int, got "
                             f"{type(batch_size).__name__}")
-        elif batch_size < 1:
+        if batch_size < 1:
             raise ValueError(f"predict: `batch_size` must be None or a positive int, got "
                              f"{batch_size}")
-        else:
-            step = int(batch_size)
-        parts = [self._forward(x[i:i + step]) for i in range(0, n, step)]
+        step = int(batch_size)
+        parts = [self._forward(x[i:i + step]) for i in range(0, len(x), step)]
         if len(parts) == 1:
             return parts[0]
         if isinstance(parts[0], list):
@@ -650,17 +648,19 @@ class Model:
                             f"{type(x).__name__} ({exc})") from None
         shape, first = self.input_shape, self.layers[0]
         tokens = isinstance(first, Embedding)
-        meaning = "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+        def meaning():
+            return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
         if x.dtype.kind not in ("iuf" if tokens else "biuf"):
             what = "integer token ids" if tokens else "real numbers"
             raise TypeError(f"predict: `x` must hold {what}, got dtype {x.dtype}")
         if x.ndim != len(shape):
-            raise ValueError(f"predict: `x` must be {len(shape)}-D with shape {meaning}, "
-                             f"got shape {x.shape}")
+            raise ValueError(f"predict: `x` must be {len(shape)}-D with shape "
+                             f"{meaning()}, got shape {x.shape}")
         if x.size == 0:
             raise ValueError(f"predict: `x` must not be empty, got shape {x.shape}")
         if not tokens and shape[-1] is not None and x.shape[-1] != shape[-1]:
-            raise ValueError(f"predict: `x` must have shape {meaning} ({shape[-1]} "
+            raise ValueError(f"predict: `x` must have shape {meaning()} ({shape[-1]} "
                              f"features on the last axis), got shape {x.shape}")
         if tokens:
             if x.dtype.kind == "f":

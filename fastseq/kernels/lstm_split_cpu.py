@@ -121,7 +121,10 @@ def _finish_step(s, t, u0, u1, Up, z, hc, hn, c, seen, mask, seqbuf, out, out_mo
                           True)
             else:
                 _cell_row(z[r], hrow, c[r, u0:u1], Hh, act, rec, hrow, False)
-            seen[r] = 1
+            if seen[r] == 0:
+                # both parts write it: only once, so its line is not passed between
+                # the cores at every step
+                seen[r] = 1
             continue
         for j in range(Hh):
             hn[r, u0 + j] = hc[r, u0 + j]
