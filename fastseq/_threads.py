@@ -151,8 +151,9 @@ class Worker:
     (``lstm_table_cpu``).  It lives in Numba code and never takes the GIL: for a few
     milliseconds after each job (``config.SPLIT_WORKER_IDLE_TICKS``) it spins, so calls
     in quick succession hand it their job in well under a microsecond; then it dozes
-    (polls between sleeps of up to 1 ms, 10 ms after a second).  A caller that finds it
-    dozing pokes it to spin again for the calls to come, on another core than the
+    (polls between naps of up to 1 ms, 10 ms after a second; a nap is a futex wait on
+    Linux).  A caller that finds it dozing pokes it to spin again for the calls to
+    come: the poke ends its nap, and the worker wakes on another core than the
     caller's (``wake``).
     """
 
@@ -206,9 +207,9 @@ class Worker:
         self.kw.poke(self.mb)
 
     def _wake_elsewhere(self):
-        """Narrow the dozing worker's cores to those it may use less this thread's
-        own, so that it wakes on another one (``spinning`` widens them again once it
-        spins).  A worker that dozed on the core the caller now runs on would
+        """Narrow the dozing worker's cores to the ones it may use other than this
+        thread's, so that it wakes on another one (``spinning`` widens them again
+        once it spins).  A worker that dozed on the core the caller now runs on would
         otherwise be woken there by its nap's timer and wait behind the caller, as
         the scheduler does not move it to an idle core until a tick later."""
         cpu = _this_cpu()
