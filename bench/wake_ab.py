@@ -6,7 +6,6 @@ round, once with the setting on and once off, as if they were two providers.
     python bench/wake_ab.py --config C1 --rounds 20
 """
 import argparse
-import time
 
 import numpy as np
 
@@ -33,13 +32,7 @@ def main():
         for n in names[k:] + names[:k]:
             config.WORKER_WAKE_ELSEWHERE = n != "fastseq-off"
             run = runs["fastseq" if n.startswith("fastseq") else n]
-            time.sleep(benchmark.PAUSE_S)
-            t0 = time.perf_counter()
-            c = 0
-            while c == 0 or time.perf_counter() - t0 < benchmark.SAMPLE_S:
-                run()
-                c += 1
-            times[n].append((time.perf_counter() - t0) * 1e3 / c)
+            times[n].append(benchmark.timed_sample(run))
     config.WORKER_WAKE_ELSEWHERE = True
     med = {n: float(np.median(v)) for n, v in times.items()}
     for n in names:

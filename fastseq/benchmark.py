@@ -682,6 +682,21 @@ PAUSE_S = 0.1  # idle time before each timed sample (see run_benchmark)
 SAMPLE_S = 0.02  # a timed sample: back-to-back calls for at least this long
 
 
+def timed_sample(run) -> float:
+    """One timed sample of ``run``, in ms per call: after PAUSE_S of idle time (the
+    previous provider's worker threads stop spinning first: TF, PyTorch and ONNX
+    Runtime pools spin-wait for a while after a call), the mean of back-to-back calls
+    lasting at least SAMPLE_S (at least one call), so sub-millisecond calls are not
+    timed one by one."""
+    time.sleep(PAUSE_S)
+    t0 = time.perf_counter()
+    n = 0
+    while n == 0 or time.perf_counter() - t0 < SAMPLE_S:
+        run()
+        n += 1
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
 def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repeats: int = 7,
                   warmup: int = 2, quick: bool = False, seed: int = 0,
                   threads: int | None = None, c4_model=None, progress: bool = True,
@@ -776,18 +791,7 @@ def run_benchmark(configs=("C1", "C2", "C3", "C4"), providers=PROVIDERS, *, repe
             now = [p for p in live if n_runs[p] > r]
             k = r % max(len(now), 1)
             for p in now[k:] + now[:k]:
-                # let the previous provider's worker threads stop spinning first (TF,
-                # PyTorch and ONNX Runtime pools spin-wait for a while after a call)
-                time.sleep(PAUSE_S)
-                # a timed sample is the mean of back-to-back calls lasting at least
-                # SAMPLE_S (at least one call), so sub-millisecond calls are not timed
-                # one by one
-                t0 = time.perf_counter()
-                n = 0
-                while n == 0 or time.perf_counter() - t0 < SAMPLE_S:
-                    runners[p]()
-                    n += 1
-                times[p].append((time.perf_counter() - t0) * 1e3 / n)
+                times[p].append(timed_sample(runners[p]))
                 bar.update(1)
         # The reference: Keras predict_on_batch (computed here when it was not timed).
         ref = outputs.get("keras")
